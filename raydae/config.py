@@ -1,0 +1,364 @@
+"""One typed config tree for a whole run.
+
+Sources merge left to right: dataclass defaults <- built-in preset <- user YAML files <- `--set a.b=v`.
+The resolved tree is written into the run folder and stored inside every checkpoint, so a checkpoint
+can rebuild its models alone (`Config.from_dict(state["config"])`).
+
+This module imports nothing else of raydae except the error type, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydae.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    # "builtin:shapes", an image folder (png/jpg/webp, recursive), or a folder of Parquet shards
+    # written by `raydae data pack` (recognised by its manifest.json).
+    source: str = "builtin:shapes"
+    image_size: int = 32  # images are resized (shorter side) and centre-cropped to this square
+    train_size: int = 20000  # builtin:shapes only
+    val_size: int = 2000  # builtin:shapes only
+    val_fraction: float = 0.1  # folders and Parquet: share of files held out, chosen by a hash of the path
+    seed: int = 0  # builtin:shapes content; the split of folders does not depend on it
+    on_bad_file: str = "error"  # error: stop naming the file | skip: go on and list skipped files
+    max_shapes: int = 3  # builtin:shapes: one to this many shapes per image
+
+
+# ---------------------------------------------------------------------------------- autoencoder
+@dataclass
+class DecoderConfig:
+    """Capacity knobs. The auxiliary decoder is the same class made weaker through these."""
+
+    width: float = 1.0  # multiplier on the autoencoder's channel widths
+    num_res_blocks: int = 2  # residual blocks per resolution level
+    dropout: float = 0.0  # dropout inside every residual block
+
+
+@dataclass
+class KLConfig:
+    weight: float = 1e-3  # STUDY.md: ~1e-3 keeps tiny latents regular enough for a tiny prior
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 512
+    commitment_weight: float = 0.25
+    ema: bool = True  # EMA codebook updates; False learns the codebook by gradients
+    ema_decay: float = 0.99
+    l2_normalize: bool = False  # cosine-similarity codes (ViT-VQGAN style)
+    restart_dead_codes: bool = True
+    dead_code_threshold: float = 1.0  # EMA usage count under which a code is re-seeded from the batch
+
+
+@dataclass
+class AutoencoderConfig:
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])  # one entry per resolution level
+    downsample_factor: int = 4  # must equal 2 ** (len(channel_mults) - 1)
+    num_res_blocks: int = 2  # encoder residual blocks per level
+    latent_channels: int = 4
+    bottleneck: str = "kl"  # kl (latent space for DiT) | vq (latent space for the VQ prior)
+    kl: KLConfig = field(default_factory=KLConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the final decoder
+    # STUDY.md: a quarter-width auxiliary decoder starved the encoder; start near half width.
+    aux_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(width=0.5))
+
+
+# --------------------------------------------------------------------------------------- losses
+@dataclass
+class DiscriminatorConfig:
+    enabled: bool = False
+    start_step: int = 0  # within the stage that trains a decoder
+    weight: float = 0.5
+    adaptive_weight: bool = True  # taming-transformers' balance of GAN vs reconstruction gradients
+    num_layers: int = 3
+    base_channels: int = 64
+    lr: float = 0.0  # 0: same as train.lr
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "l1"  # l1 | l2
+    lpips_weights: str = ""  # local file with VGG16 + LPIPS weights; empty: no perceptual loss
+    lpips_weight: float = 1.0
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+# ------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    mode: str = "dae"  # dae: stage 1 (aux decoder) then stage 2 (frozen encoder) | joint: baseline
+    stage1_steps: int = 1000
+    stage2_steps: int = 1000
+    # joint training runs this many steps; 0 means stage1_steps + stage2_steps ("equal total steps",
+    # schedule A in STUDY.md). Set it to stage2_steps for schedule B (equal final-decoder steps).
+    joint_steps: int = 0
+    batch_size: int = 64  # global batch; each worker takes batch_size / num_workers
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # 0 disables clipping
+    freeze_quantizer: bool = True  # stage 2 (VQ): keep the codebook fixed with the encoder
+    warm_start_decoder: bool = False  # stage 2: start the final decoder from the auxiliary one
+    precision: str = "fp32"  # fp32 | bf16 (autocast; meant for GPUs)
+    log_every: int = 50  # progress line and TensorBoard scalars
+    image_every: int = 500  # TensorBoard image grid of inputs beside reconstructions
+    checkpoint_every: int = 500  # ray.train.report with a checkpoint (each report costs ~2 s)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    # Tests only: raise inside the training loop at this step on the first attempt (fault injection).
+    fail_at_step: int = -1
+
+
+# ------------------------------------------------------------------------------------ resources
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # fractional values share a GPU between small trials
+    torch_threads: int = 0  # intra-op threads per worker; 0: cpus_per_worker
+    max_failures: int = 2  # Ray Train FailureConfig: worker-group restarts from the latest checkpoint
+    gpu_wait_s: float = 300.0  # on a connected cluster, wait this long for (autoscaled) GPUs to appear
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    ae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        config = cls()
+        merge_into(config, data, source="dict")
+        validate(config)
+        return config
+
+    def stage_steps(self, stage: str) -> int:
+        train = self.train
+        if stage == "stage1":
+            return train.stage1_steps
+        if stage == "stage2":
+            return train.stage2_steps
+        if stage == "joint":
+            return train.joint_steps or (train.stage1_steps + train.stage2_steps)
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def stages(self) -> list[str]:
+        return ["stage1", "stage2"] if self.train.mode == "dae" else ["joint"]
+
+
+# ---------------------------------------------------------------------------------- loading
+def preset_names() -> list[str]:
+    folder = resources.files("raydae") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{where}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of config sections at the top level")
+    return data
+
+
+def load_config(
+    preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Defaults <- preset <- files (left to right) <- `a.b=value` overrides, then validated."""
+    config = Config()
+    if preset:
+        names = preset_names()
+        if preset not in names:
+            raise UserError(f"unknown preset {preset!r}{_suggest(preset, names)}; presets: {', '.join(names)}")
+        text = (resources.files("raydae") / "presets" / f"{preset}.yaml").read_text()
+        merge_into(config, _read_yaml(text, f"preset {preset}"), source=f"preset {preset}")
+    for path in files or []:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path} does not exist; check the --config path")
+        merge_into(config, _read_yaml(p.read_text(), path), source=path)
+    for item in overrides or []:
+        apply_override(config, item)
+    validate(config)
+    return config
+
+
+def apply_override(config: Config, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ae.latent_channels=8")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = config
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            prefix = ".".join(parts[:depth])
+            full = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"--set: unknown config key {key!r}{_suggest(key, full)}")
+        if depth == len(parts) - 1:
+            hint = _field_type(type(node), part)
+            if dataclasses.is_dataclass(hint):
+                raise UserError(f"--set {key}: is a section; set one of its fields, e.g. {key}.{names[0]}")
+            value = raw if hint is str else _parse_scalar(raw)
+            setattr(node, part, coerce(value, hint, key))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise UserError(f"--set: {'.'.join(parts[:depth + 1])} is a value, not a section")
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def merge_into(node: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Recursively set dataclass fields from a nested mapping, checking names and types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(node)]
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            full = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"{source}: unknown config key {path!r}{_suggest(path, full)}")
+        hint = _field_type(type(node), key)
+        if dataclasses.is_dataclass(hint):
+            merge_into(getattr(node, key), value, source, path)
+        else:
+            setattr(node, key, coerce(value, hint, path))
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the field type `hint`; ints widen to floats, nothing else is guessed."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise UserError(f"config {path}: expected a list of {_TYPE_NAMES[item_type][3:]}s, got {value!r}")
+        return [coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"unsupported config field type {hint} at {path}")
+    raise UserError(f"config {path}: expected {_TYPE_NAMES[hint]}, got {value!r} ({type(value).__name__})")
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    if not close:  # match on the last part alone, e.g. "ae.latent_chanels" vs "ae.latent_channels"
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        tail = difflib.get_close_matches(word.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.5)
+        close = [tails[tail[0]]] if tail else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -------------------------------------------------------------------------------- validation
+_CHOICES = {
+    "data.on_bad_file": ("error", "skip"),
+    "ae.bottleneck": ("kl", "vq"),
+    "loss.reconstruction": ("l1", "l2"),
+    "train.mode": ("dae", "joint"),
+    "train.precision": ("fp32", "bf16"),
+}
+
+
+def validate(config: Config) -> None:
+    for path, choices in _CHOICES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise UserError(f"config {path}: {value!r} is not one of {', '.join(choices)}")
+    ae = config.ae
+    levels = len(ae.channel_mults)
+    if levels < 1:
+        raise UserError("config ae.channel_mults: needs at least one level")
+    if ae.downsample_factor != 2 ** (levels - 1):
+        raise UserError(
+            f"config ae.downsample_factor={ae.downsample_factor} does not match ae.channel_mults "
+            f"({levels} levels give factor {2 ** (levels - 1)}); give one mult per level"
+        )
+    if config.data.image_size % ae.downsample_factor:
+        raise UserError(
+            f"config data.image_size={config.data.image_size} is not divisible by "
+            f"ae.downsample_factor={ae.downsample_factor}"
+        )
+    for name in ("decoder", "aux_decoder"):
+        dec = getattr(ae, name)
+        if dec.width <= 0 or dec.num_res_blocks < 0 or not 0.0 <= dec.dropout < 1.0:
+            raise UserError(f"config ae.{name}: width must be > 0, num_res_blocks >= 0, dropout in [0, 1)")
+    positive = {
+        "ae.latent_channels": ae.latent_channels,
+        "ae.base_channels": ae.base_channels,
+        "ae.vq.codebook_size": ae.vq.codebook_size,
+        "train.batch_size": config.train.batch_size,
+        "train.log_every": config.train.log_every,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.image_every": config.train.image_every,
+        "scaling.num_workers": config.scaling.num_workers,
+        "data.image_size": config.data.image_size,
+    }
+    for path, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config {path}: must be positive, got {value}")
+    if config.train.batch_size % config.scaling.num_workers:
+        raise UserError(
+            f"config train.batch_size={config.train.batch_size} is not divisible by "
+            f"scaling.num_workers={config.scaling.num_workers}"
+        )
+    for stage in config.stages():
+        if config.stage_steps(stage) <= 0:
+            raise UserError(f"config: {stage} has {config.stage_steps(stage)} steps; give it at least 1")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise UserError(f"config data.val_fraction: must be in (0, 1), got {config.data.val_fraction}")
