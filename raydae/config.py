@@ -93,7 +93,10 @@ class DiscriminatorConfig:
 @dataclass
 class LossConfig:
     reconstruction: str = "l1"  # l1 | l2
-    lpips_weights: str = ""  # local file with VGG16 + LPIPS weights; empty: no perceptual loss
+    # LPIPS runs only when both local files are given (no downloads): the LPIPS linear heads
+    # (the `lpips` package's weights/v0.1/vgg.pth) and torchvision's VGG16 (vgg16-397923af.pth).
+    lpips_weights: str = ""
+    vgg16_weights: str = ""
     lpips_weight: float = 1.0
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
