@@ -1,0 +1,112 @@
+"""The `raydae` command: parse arguments, call the library, turn `UserError` into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from raydae.errors import UserError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="built-in preset (see `raydae presets`)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file; several merge left to right, after the preset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one field, e.g. --set ae.latent_channels=8 (applied last)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydae", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a run end to end (DAE stage 1 -> stage 2, or joint)")
+    add_run_arguments(run)
+
+    sub.add_parser("presets", help="list the built-in presets")
+    show = sub.add_parser("config", help="print the resolved config as YAML")
+    add_config_arguments(show)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pack = data_sub.add_parser("pack", help="turn an image folder into Parquet shards with a manifest")
+    pack.add_argument("src", help="image folder (png/jpg/webp, recursive; sub-folders become labels)")
+    pack.add_argument("dst", help="new, empty output folder")
+    pack.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE x SIZE")
+    pack.add_argument("--shard-size", type=int, default=5000, help="images per Parquet file")
+    pack.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--name", default="", help="run name (default: derived from mode, bottleneck, seed)")
+    parser.add_argument("--storage", default="runs", help="where runs live: local folder, NFS mount or s3://")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--resume", action="store_true", help="accept a run name that is already finished")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run of this name first")
+    parser.add_argument("--stage1-from", default=None, metavar="CHECKPOINT",
+                        help="DAE: skip stage 1 and start stage 2 from this stage-1 checkpoint folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"raydae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydae: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from raydae import config as config_module
+
+    if args.command == "presets":
+        for name in config_module.preset_names():
+            print(name)
+        return 0
+    if args.command == "config":
+        print(config_module.load_config(args.preset, args.config, args.overrides).to_yaml(), end="")
+        return 0
+    if args.command == "data":
+        from raydae.data.pack import pack_folder
+
+        manifest = pack_folder(args.src, args.dst, image_size=args.size, shard_size=args.shard_size,
+                               on_bad_file=args.on_bad_file)
+        print(f"packed {manifest['count']} images into {len(manifest['shards'])} shard(s) in {args.dst}"
+              + (f"; skipped {len(manifest['skipped'])} bad file(s), listed in the manifest"
+                 if manifest.get("skipped") else ""))
+        return 0
+    if args.command == "run":
+        return _run(args)
+    raise AssertionError(args.command)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from raydae.config import load_config
+    from raydae.pipeline import RunOptions, run_pipeline
+
+    config = load_config(args.preset, args.config, args.overrides)
+    options = RunOptions(storage=args.storage, name=args.name, resume=args.resume,
+                         overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
+    metrics = run_pipeline(config, options)
+    run_uri = metrics.get("run", "")
+    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "parameters", "wall_seconds") if k in metrics},
+                            indent=2, default=str))
+    print(f"\nresults: {run_uri}/metrics.json")
+    print(f"tensorboard: tensorboard --logdir {run_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Driver side of Ray Train: connect to Ray, check resources, and run one stage as a `TorchTrainer`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raydae.config import Config
+from raydae.errors import UserError
+from raydae.loop import train_worker
+from raydae.storage import RunFolder
+
+# Quieter logs (see RAY.md): one print per worker, no per-fit preemption-watcher warning, no token warning.
+QUIET_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to the cluster at `address`/RAY_ADDRESS, or start an embedded local Ray.
+
+    Returns True when Ray was started here (a local, fixed-size "cluster" with no autoscaler).
+    """
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def check_resources(config: Config, local: bool) -> None:
+    """Fail early, in one line, when the run asks for GPUs the cluster does not have."""
+    scaling = config.scaling
+    if not scaling.use_gpu:
+        return
+    need = scaling.num_workers * scaling.gpus_per_worker
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= min(need, scaling.gpus_per_worker):
+        return
+    if local:
+        raise UserError(
+            f"scaling.use_gpu=true asks for {need:g} GPUs but this machine's Ray has {have:g}; "
+            "set scaling.use_gpu=false or run on a GPU machine/cluster"
+        )
+    # A connected cluster may autoscale GPU workers: wait a while before giving up.
+    print(f"waiting up to {scaling.gpu_wait_s:.0f}s for GPU nodes (cluster has {have:g}, run needs {need:g})")
+    deadline = time.time() + scaling.gpu_wait_s
+    while time.time() < deadline:
+        time.sleep(5)
+        if ray.cluster_resources().get("GPU", 0) >= scaling.gpus_per_worker:
+            return
+    raise UserError(
+        f"scaling.use_gpu=true but the cluster still has no GPU after {scaling.gpu_wait_s:.0f}s; "
+        "add GPU worker nodes or set scaling.use_gpu=false"
+    )
+
+
+def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None) -> dict:
+    """Run one stage to completion (resuming from its latest checkpoint if it has one).
+
+    Returns the stage's metrics (read back from the final checkpoint) and that checkpoint's path.
+    """
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    tensorboard_dir = run.child("tensorboard", stage) if run.is_local else tempfile.mkdtemp(prefix="raydae-tb-")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "stage": stage,
+            "steps": config.stage_steps(stage),
+            "init_from": init_from,
+            "tensorboard_dir": tensorboard_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=run.uri,
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.train.keep_checkpoints)),
+        ),
+        datasets=datasets,
+        # Every worker sees the whole validation split; only rank 0 evaluates it.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise UserError(f"{stage} failed: {_worker_error_line(err)} (run again with --debug for the traceback)") from err
+    if result.checkpoint is None:
+        raise UserError(f"{stage} ended without a final checkpoint; see the worker log above")
+    with result.checkpoint.as_directory() as folder:
+        metrics = json.loads(open(os.path.join(folder, "metrics.json")).read())
+    if not run.is_local:
+        run.upload(tensorboard_dir, f"tensorboard/{stage}")
+    path = result.checkpoint.path
+    uri = path if run.is_local else f"{run.uri.split('://')[0]}://{path.lstrip('/')}"
+    return {"metrics": metrics, "checkpoint": uri}
+
+
+def _worker_error_line(err: Exception) -> str:
+    """The last exception line of a worker traceback: the part a user can act on."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception)\b", line):
+            return re.sub(r"^raydae\.errors\.UserError:\s*", "", line)
+    return lines[-1] if lines else repr(err)

@@ -1,0 +1,194 @@
+"""The one training skeleton, run on every Ray Train worker, for every stage.
+
+It is the only module that knows the Train worker API (`get_context`, `get_checkpoint`,
+`get_dataset_shard`, `report`). What is trained, frozen and logged comes from the task (`tasks.py`).
+
+Per worker: restore from the latest registered checkpoint (Ray hands it back after a worker failure
+and when the same run name is started again), else start from the previous stage's checkpoint when
+there is one; iterate the dataset shard for `steps` optimisation steps; every `checkpoint_every` steps
+rank 0 saves the full training state and every rank calls `report` (it is a barrier, and costs ~2 s);
+rank 0 writes TensorBoard scalars and image grids and prints a progress line every `log_every` steps;
+at the end rank 0 evaluates on the validation split and reports a final checkpoint with the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ray.train
+import ray.train.torch
+
+from raydae.config import Config
+from raydae.tasks import make_task, warmup_scale
+
+STATE_FILE = "state.pt"
+
+
+def save_training_state(folder: str, task, config: Config, stage: str, step: int, history: list) -> None:
+    state = {
+        "format": "raydae-checkpoint-v1",
+        "config": config.to_dict(),
+        "stage": stage,
+        "step": step,
+        "models": {name: module.state_dict() for name, module in task.models.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
+        "history": history,
+    }
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    Path(folder, "config.yaml").write_text(config.to_yaml())
+
+
+def load_state(folder: str) -> dict:
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def train_worker(loop_config: dict) -> None:
+    config = Config.from_dict(loop_config["config"])
+    stage: str = loop_config["stage"]
+    steps: int = loop_config["steps"]
+    train = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, config.scaling.torch_threads or int(config.scaling.cpus_per_worker)))
+    torch.manual_seed(train.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+
+    task = make_task(config, stage)
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        for name, module in task.models.items():
+            module.load_state_dict(state["models"][name])
+    elif loop_config.get("init_from"):
+        with ray.train.Checkpoint(loop_config["init_from"]).as_directory() as folder:
+            task.load_previous_stage(load_state(folder))
+    task.prepare(device, wrap=ray.train.torch.prepare_model)
+    if state is not None:
+        for name, opt in task.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+    step = state["step"] if state else 0
+    # `history` records where each attempt started, so a resumed run can show it did not start over.
+    history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world}]
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        if step:
+            print(f"[{stage}] resuming from step {step}/{steps}", flush=True)
+
+    per_worker_batch = train.batch_size // world
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if train.precision == "bf16"
+        else torch.autocast(device_type=device.type, enabled=False)
+    )
+    shard = ray.train.get_dataset_shard("train")
+    wait_time = step_time = 0.0
+    window_images, window_start = 0, time.perf_counter()
+    sums: dict[str, float] = {}
+    sample_batch = None
+    started = time.perf_counter()
+    trained_steps = 0
+
+    while step < steps:
+        batches = shard.iter_torch_batches(
+            batch_size=per_worker_batch, drop_last=True, device=device,
+            dtypes={"image": torch.float32, "label": torch.int64},
+        )
+        tick = time.perf_counter()
+        got_batch = False
+        for batch in batches:
+            got_batch = True
+            fetched = time.perf_counter()
+            wait_time += fetched - tick
+            if sample_batch is None:
+                sample_batch = batch["image"][:16].clone()
+            if train.fail_at_step == step and checkpoint is None:
+                # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
+                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+            with autocast:
+                logs = task.train_step(batch, step, lr_scale=warmup_scale(step, train.warmup_steps))
+            step += 1
+            trained_steps += 1
+            window_images += batch["image"].shape[0] * world
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value
+            tock = time.perf_counter()
+            step_time += tock - tick
+            tick = tock
+
+            if writer is not None and step % train.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                means = {k: v / train.log_every for k, v in sums.items()}
+                for key, value in means.items():
+                    writer.add_scalar(f"{stage}/{key}", value, step)
+                lr = task.optimizers["autoencoder"].param_groups[0]["lr"]
+                writer.add_scalar(f"{stage}/lr", lr, step)
+                writer.add_scalar(f"{stage}/images_per_second", window_images / elapsed, step)
+                writer.add_scalar(f"{stage}/data_wait_fraction", wait_time / max(step_time, 1e-9), step)
+                print(
+                    f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  "
+                    f"rec {means.get('loss/reconstruction', float('nan')):.4f}  "
+                    f"{window_images / elapsed:.0f} img/s  data wait {100 * wait_time / max(step_time, 1e-9):.1f}%",
+                    flush=True,
+                )
+            if step % train.log_every == 0:
+                sums, window_images, window_start = {}, 0, time.perf_counter()
+            if writer is not None and step % train.image_every == 0 and sample_batch is not None:
+                writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
+            if step % train.checkpoint_every == 0 and step < steps:
+                _report(task, config, stage, step, history, {"step": step, **logs}, rank)
+            if step >= steps:
+                break
+        if not got_batch:
+            raise RuntimeError(
+                f"the training split gave worker {rank} no batch of {per_worker_batch} images; "
+                "use a smaller train.batch_size or more data"
+            )
+
+    metrics = {"step": step}
+    if rank == 0:
+        val = ray.train.get_dataset_shard("val")
+        metrics.update(task.evaluate(val.iter_torch_batches(
+            batch_size=per_worker_batch, device=device, dtypes={"image": torch.float32, "label": torch.int64},
+        )))
+        if trained_steps:
+            metrics["train/images_per_second"] = trained_steps * per_worker_batch * world / max(step_time, 1e-9)
+            metrics["train/data_wait_fraction"] = wait_time / max(step_time, 1e-9)
+        metrics["train/seconds_this_attempt"] = time.perf_counter() - started
+        metrics["parameters"] = task.parameter_counts()
+        metrics["history"] = history
+        for key, value in metrics.items():
+            if isinstance(value, float) and key.startswith("val/"):
+                writer.add_scalar(f"{stage}/{key}", value, step)
+        if sample_batch is not None:
+            writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
+        writer.flush()
+    _report(task, config, stage, step, history, metrics, rank, final=True)
+    if writer is not None:
+        writer.close()
+
+
+def _report(task, config, stage, step, history, metrics, rank, final=False) -> None:
+    """Every rank reports (it is a barrier); only rank 0 attaches a checkpoint."""
+    metrics = dict(metrics, final=final)
+    if rank != 0:
+        ray.train.report({"step": step, "final": final})
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(folder, task, config, stage, step, history)
+        # The full metrics (nested: parameter counts, attempt history) travel inside the checkpoint;
+        # Ray gets the flat scalars.
+        Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(folder))

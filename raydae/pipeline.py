@@ -1,0 +1,186 @@
+"""A run: one folder, an ordered list of steps, each skipped when its done marker exists.
+
+Layout of `<storage>/<name>/`:
+    config.yaml              the resolved config (what `--config` can rerun)
+    stage1/ stage2/ joint/   Ray Train runs: checkpoint_*/ (state.pt, config.yaml, metrics.json)
+    stage1.done.json ...     written only after a stage finished: its metrics and final checkpoint
+    tensorboard/<stage>/     TensorBoard event files (`tensorboard --logdir <run>`)
+    bad_files.txt            images skipped under data.on_bad_file=skip
+    metrics.json             the run's summary, written last
+    DONE                     marks a finished run; a run without it is continued by the same command
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from raydae.config import Config
+from raydae.errors import UserError
+from raydae.storage import RunFolder
+from raydae.tasks import describe_signature, latent_signature
+
+DONE_MARKER = "DONE"
+
+
+@dataclass
+class RunOptions:
+    storage: str = "runs"
+    name: str = ""
+    resume: bool = False
+    overwrite: bool = False
+    address: str | None = None
+    stage1_from: str | None = None  # reuse a finished stage-1 checkpoint (folder or URI) for stage 2
+
+
+def default_run_name(config: Config) -> str:
+    ae = config.ae
+    return f"{config.train.mode}-{ae.bottleneck}{ae.latent_channels}-s{config.train.seed}"
+
+
+def prepare_run_folder(config: Config, options: RunOptions) -> tuple[RunFolder, bool]:
+    """Check the run name before any work: returns (folder, already_finished)."""
+    run = RunFolder(options.storage, options.name or default_run_name(config))
+    if options.resume and options.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if not run.exists():
+        if options.resume:
+            raise UserError(f"--resume: no run at {run.uri}; drop --resume to start it")
+        return run, False
+    if options.overwrite:
+        print(f"--overwrite: deleting the earlier run at {run.uri}")
+        run.delete("")
+        return run, False
+    finished = run.exists(DONE_MARKER)
+    if finished and not options.resume:
+        raise UserError(
+            f"run {run.uri} is already finished; pass --resume to reuse it, --overwrite to replace it, "
+            "or choose another --name"
+        )
+    if run.exists("config.yaml"):
+        saved = Config.from_dict(yaml.safe_load(run.read_text("config.yaml")))
+        changed = _differences(saved.to_dict(), config.to_dict())
+        if changed:
+            shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+            raise UserError(
+                f"run {run.uri} was started with a different config ({shown}); continue it with the same "
+                "settings, pass --overwrite to start afresh, or choose another --name"
+            )
+    return run, finished
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in new:
+        path = f"{prefix}{key}"
+        if isinstance(new[key], dict) and isinstance(old.get(key), dict):
+            out += _differences(old[key], new[key], path + ".")
+        elif old.get(key) != new[key]:
+            out.append(f"{path}: {old.get(key)!r} -> {new[key]!r}")
+    return out
+
+
+def run_pipeline(config: Config, options: RunOptions) -> dict:
+    """Train every stage of `config.train.mode`, skipping finished ones; returns the run's metrics."""
+    from raydae import launch
+    from raydae.data import build_datasets
+
+    run, finished = prepare_run_folder(config, options)
+    if finished:
+        print(f"run {run.uri} is already finished; nothing to do (metrics in {run.child('metrics.json')})")
+        return run.read_json("metrics.json")
+    stage1_state = _check_stage1_source(config, options.stage1_from) if options.stage1_from else None
+
+    local_ray = launch.connect(options.address)
+    launch.check_resources(config, local_ray)
+    started = time.time()
+    run.make()
+    bundle = build_datasets(config.data, report_dir=run.path if run.is_local else None)
+    run.write_text("config.yaml", config.to_yaml())
+    datasets = {"train": bundle.train, "val": bundle.val}
+    print(f"run {run.uri}: {config.train.mode} on {config.data.source} "
+          f"({bundle.num_train} train / {bundle.num_val} val images)", flush=True)
+
+    stage_results: dict[str, dict] = {}
+    for stage in config.stages():
+        marker = f"{stage}.done.json"
+        if run.exists(marker):
+            stage_results[stage] = run.read_json(marker)
+            print(f"[{stage}] already finished; skipping", flush=True)
+            continue
+        init_from = None
+        if stage == "stage2":
+            init_from = stage1_state or stage_results["stage1"]["checkpoint"]
+            _check_stage_compatibility(config, init_from)
+        t0 = time.time()
+        result = launch.fit_stage(config, stage, run, datasets, init_from=init_from)
+        result["wall_seconds"] = time.time() - t0
+        run.write_json(marker, result)
+        stage_results[stage] = result
+
+    metrics = summarise(config, stage_results, bundle, wall_seconds=time.time() - started)
+    metrics["run"] = run.uri
+    run.write_json("metrics.json", metrics)
+    run.write_text(DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return metrics
+
+
+def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) -> dict:
+    """metrics.json: per stage, reconstruction quality on the val split, parameters, speed, time."""
+    out: dict = {"mode": config.train.mode, "latent": latent_signature(config), "stages": {}}
+    params: dict[str, int] = {}
+    for stage, result in stage_results.items():
+        m = result["metrics"]
+        counts = m.get("parameters", {})
+        decoder_role = "aux_decoder" if stage == "stage1" else "decoder"
+        params.setdefault("encoder", counts.get("encoder", 0) + counts.get("bottleneck", 0))
+        params[decoder_role] = counts.get("decoder", 0)
+        out["stages"][stage] = {
+            "decoder": decoder_role,
+            "steps": m.get("step"),
+            "val_mse": m.get("val/mse"),
+            "val_psnr": m.get("val/psnr"),
+            "val_ssim": m.get("val/ssim"),
+            "images_per_second": m.get("train/images_per_second"),
+            "data_wait_fraction": m.get("train/data_wait_fraction"),
+            "wall_seconds": result.get("wall_seconds"),
+            "checkpoint": result["checkpoint"],
+        }
+        for key in ("val/codebook_usage", "val/perplexity"):
+            if key in m:
+                out["stages"][stage][key.split("/")[1]] = m[key]
+    out["parameters"] = params
+    out["data"] = {"train_images": bundle.num_train, "val_images": bundle.num_val,
+                   "skipped_files": len(bundle.skipped_files)}
+    out["wall_seconds"] = wall_seconds
+    return out
+
+
+def _read_checkpoint_config(uri: str) -> Config:
+    import ray.train
+
+    try:
+        checkpoint = ray.train.Checkpoint(uri)
+        with checkpoint.as_directory() as folder:
+            with open(f"{folder}/config.yaml") as f:
+                return Config.from_dict(yaml.safe_load(f))
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"{uri}: not a raydae checkpoint folder (no readable config.yaml): {err}") from None
+
+
+def _check_stage1_source(config: Config, uri: str) -> str:
+    _check_stage_compatibility(config, uri)
+    return uri
+
+
+def _check_stage_compatibility(config: Config, stage1_uri: str) -> None:
+    """Stage 2 refuses a stage-1 checkpoint whose bottleneck or latent shape differs, naming both."""
+    stage1_config = _read_checkpoint_config(stage1_uri)
+    have, want = latent_signature(stage1_config), latent_signature(config)
+    if have != want:
+        raise UserError(
+            f"stage-1 checkpoint {stage1_uri} has a {describe_signature(have)} but stage 2 expects a "
+            f"{describe_signature(want)}; use a matching checkpoint or the same ae.* settings"
+        )

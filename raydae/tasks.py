@@ -1,0 +1,312 @@
+"""What each kind of training trains, freezes, optimises and logs. Plain PyTorch: no Ray here.
+
+The training skeleton in `loop.py` is the same for every stage; a task tells it
+- `models`: every module whose state goes into the checkpoint,
+- `trained`: the modules it wraps for data-parallel training and optimises (the rest are frozen),
+- `train_step`: one optimisation step on a batch, returning scalars to log,
+- `evaluate`: metrics on held-out images, and `image_grid`: a picture for TensorBoard.
+
+Stages of the Decoupled Autoencoder:
+- `stage1`: encoder (+ bottleneck) + *auxiliary* decoder (the weaker one) trained together;
+- `stage2`: encoder (+ bottleneck, by config) frozen from stage 1, the *final* decoder trained fresh;
+- `joint`: the baseline, encoder + final decoder trained together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from raydae.config import Config
+from raydae.errors import UserError
+from raydae.losses import adaptive_gan_weight, build_lpips, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from raydae.models import NLayerDiscriminator, build_bottleneck, build_decoder, build_encoder, count_parameters
+
+AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
+
+
+class Autoencoder(nn.Module):
+    """Encoder -> bottleneck -> decoder as one module, so DDP sees one forward per step."""
+
+    def __init__(self, encoder: nn.Module, bottleneck: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.bottleneck = bottleneck
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor, sample: bool = True):
+        out = run_bottleneck(self.bottleneck, self.encoder(images), sample)
+        return self.decoder(out.z), out
+
+
+class DecoderOnFrozenLatents(nn.Module):
+    """Stage 2's trained unit: the decoder alone; the frozen encoder runs outside autograd."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+
+def run_bottleneck(bottleneck: nn.Module, h: torch.Tensor, sample: bool):
+    # The KL bottleneck samples during training and returns its mean for evaluation; VQ is deterministic.
+    if getattr(bottleneck, "stochastic", False) or hasattr(bottleneck, "encode") and not hasattr(
+        bottleneck, "encode_indices"
+    ):
+        return bottleneck(h, sample=sample)
+    return bottleneck(h)
+
+
+def latent_signature(config: Config) -> dict:
+    """What stage 2 needs from a stage-1 encoder: the bottleneck kind and the latent shape."""
+    ae = config.ae
+    side = config.data.image_size // ae.downsample_factor
+    signature = {"bottleneck": ae.bottleneck, "latent_shape": [ae.latent_channels, side, side]}
+    if ae.bottleneck == "vq":
+        signature["codebook_size"] = ae.vq.codebook_size
+    return signature
+
+
+def describe_signature(sig: dict) -> str:
+    c, h, w = sig["latent_shape"]
+    extra = f", {sig['codebook_size']} codes" if "codebook_size" in sig else ""
+    return f"{sig['bottleneck']} latent {c}x{h}x{w}{extra}"
+
+
+class AutoencoderTask:
+    def __init__(self, config: Config, stage: str):
+        if stage not in AUTOENCODER_STAGES:
+            raise ValueError(f"unknown autoencoder stage {stage!r}")
+        self.config = config
+        self.stage = stage
+        ae = config.ae
+        decoder_cfg = ae.aux_decoder if stage == "stage1" else ae.decoder
+        self.encoder = build_encoder(ae)
+        self.bottleneck = build_bottleneck(ae)
+        self.decoder = build_decoder(ae, decoder_cfg)
+        disc = config.loss.discriminator
+        self.discriminator = (
+            NLayerDiscriminator(in_channels=3, base_channels=disc.base_channels, num_layers=disc.num_layers)
+            if disc.enabled
+            else None
+        )
+        self.lpips = build_lpips(config.loss)
+        self.models: dict[str, nn.Module] = {
+            "encoder": self.encoder,
+            "bottleneck": self.bottleneck,
+            "decoder": self.decoder,
+        }
+        if self.discriminator is not None:
+            self.models["discriminator"] = self.discriminator
+        self.frozen = self._frozen_names()
+        self.trained_unit: nn.Module | None = None
+        self.disc_unit: nn.Module | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    # ---------------------------------------------------------------------------- set-up
+    def _frozen_names(self) -> set[str]:
+        if self.stage != "stage2":
+            return set()
+        frozen = {"encoder"}
+        if self.config.ae.bottleneck == "kl" or self.config.train.freeze_quantizer:
+            frozen.add("bottleneck")
+        return frozen
+
+    def load_previous_stage(self, state: dict) -> None:
+        """Stage 2 starts from stage 1's encoder (and bottleneck); optionally its decoder too."""
+        self.encoder.load_state_dict(state["models"]["encoder"])
+        self.bottleneck.load_state_dict(state["models"]["bottleneck"])
+        if self.config.train.warm_start_decoder:
+            aux = state["models"]["decoder"]
+            mine = self.decoder.state_dict()
+            if {k: v.shape for k, v in aux.items()} != {k: v.shape for k, v in mine.items()}:
+                raise UserError(
+                    "train.warm_start_decoder=true needs the auxiliary and final decoders to have the same "
+                    "shape (ae.aux_decoder.width/num_res_blocks equal to ae.decoder's); set it to false"
+                )
+            self.decoder.load_state_dict(aux)
+
+    def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
+        """Move to `device`, freeze what this stage does not train, wrap the trained units (DDP)."""
+        for name, module in self.models.items():
+            module.to(device)
+            if name in self.frozen:
+                module.eval()
+                module.requires_grad_(False)
+        if self.lpips is not None:
+            self.lpips.to(device)
+        if self.stage == "stage2":
+            self.trained_unit = wrap(DecoderOnFrozenLatents(self.decoder))
+            if "bottleneck" not in self.frozen:
+                raise UserError(
+                    "stage 2 with a trainable VQ codebook is not supported: set train.freeze_quantizer=true"
+                )
+        else:
+            self.trained_unit = wrap(Autoencoder(self.encoder, self.bottleneck, self.decoder))
+        self.trained_unit.train()
+        if self.discriminator is not None:
+            self.disc_unit = wrap(self.discriminator)
+            self.disc_unit.train()
+        train = self.config.train
+        self.optimizers = {
+            "autoencoder": torch.optim.Adam(
+                [p for p in self.trained_unit.parameters() if p.requires_grad],
+                lr=train.lr,
+                betas=tuple(train.betas),
+                weight_decay=train.weight_decay,
+            )
+        }
+        if self.disc_unit is not None:
+            disc = self.config.loss.discriminator
+            self.optimizers["discriminator"] = torch.optim.Adam(
+                self.disc_unit.parameters(), lr=disc.lr or train.lr, betas=tuple(train.betas)
+            )
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: count_parameters(module) for name, module in self.models.items()}
+
+    # ---------------------------------------------------------------------------- training
+    def encode_frozen(self, images: torch.Tensor, sample: bool):
+        with torch.no_grad():
+            return run_bottleneck(self.bottleneck, self.encoder(images), sample)
+
+    def reconstruct(self, images: torch.Tensor, sample: bool):
+        if self.stage == "stage2":
+            out = self.encode_frozen(images, sample)
+            return self.trained_unit(out.z), out
+        return self.trained_unit(images, sample=sample)
+
+    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
+        images = batch["image"]
+        train = self.config.train
+        disc_cfg = self.config.loss.discriminator
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * lr_scale
+
+        recon, out = self.reconstruct(images, sample=True)
+        rec_loss = reconstruction_loss(images, recon, self.config.loss.reconstruction)
+        loss = rec_loss + out.loss
+        logs = {"loss/reconstruction": rec_loss.detach(), "loss/bottleneck": out.loss.detach()}
+        if self.lpips is not None:
+            perceptual = self.lpips(images, recon).mean()
+            loss = loss + self.config.loss.lpips_weight * perceptual
+            logs["loss/lpips"] = perceptual.detach()
+        use_gan = self.disc_unit is not None and step >= disc_cfg.start_step
+        if use_gan:
+            g_loss = hinge_g_loss(self.disc_unit(recon))
+            weight = torch.tensor(disc_cfg.weight, device=images.device)
+            if disc_cfg.adaptive_weight:
+                weight = weight * adaptive_gan_weight(rec_loss, g_loss, self.decoder.last_layer)
+            loss = loss + weight * g_loss
+            logs["loss/generator_adv"] = g_loss.detach()
+            logs["gan_weight"] = weight.detach()
+        opt = self.optimizers["autoencoder"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trained_unit.parameters(), train.grad_clip)
+        opt.step()
+        logs["loss/total"] = loss.detach()
+        for key, value in out.stats.items():
+            logs[f"bottleneck/{key}"] = value.detach()
+
+        if use_gan:
+            # One discriminator forward on real and fake together: DDP expects one forward per backward.
+            logits = self.disc_unit(torch.cat([images, recon.detach()]))
+            real, fake = logits.chunk(2)
+            d_loss = hinge_d_loss(real, fake)
+            d_opt = self.optimizers["discriminator"]
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            logs["loss/discriminator"] = d_loss.detach()
+        return {k: float(v) for k, v in logs.items()}
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
+        """Reconstruction MSE, PSNR and SSIM (torchmetrics) on held-out images, in [0, 1] pixel units."""
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+        was_training = [(m, m.training) for m in self.models.values()]
+        for module in self.models.values():
+            module.eval()
+        psnr = ssim = None
+        squared_error, pixels, count = 0.0, 0, 0
+        usage = None
+        try:
+            for batch in batches:
+                images = batch["image"]
+                recon, out = self.reconstruct(images, sample=False)
+                real01 = ((images + 1) / 2).clamp(0, 1).float()
+                fake01 = ((recon + 1) / 2).clamp(0, 1).float()
+                if psnr is None:
+                    psnr = PeakSignalNoiseRatio(data_range=1.0).to(images.device)
+                    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(images.device)
+                psnr.update(fake01, real01)
+                ssim.update(fake01, real01)
+                squared_error += float(((fake01 - real01) ** 2).sum())
+                pixels += real01.numel()
+                count += images.shape[0]
+                if out.indices is not None:
+                    hits = torch.bincount(out.indices.flatten(), minlength=self.config.ae.vq.codebook_size)
+                    usage = hits if usage is None else usage + hits
+        finally:
+            for module, mode in was_training:
+                module.train(mode)
+        if count == 0:
+            return {}
+        metrics = {"val/mse": squared_error / pixels, "val/psnr": float(psnr.compute()),
+                   "val/ssim": float(ssim.compute()), "val/images": count}
+        if usage is not None:
+            probs = usage.float() / usage.sum()
+            entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+            metrics["val/codebook_usage"] = float((usage > 0).float().mean())
+            metrics["val/perplexity"] = float(entropy.exp())
+        return metrics
+
+    @torch.no_grad()
+    def image_grid(self, images: torch.Tensor, max_images: int = 16) -> torch.Tensor:
+        """Inputs (top row) beside reconstructions (bottom row), CHW in [0, 1] for TensorBoard."""
+        images = images[:max_images]
+        modes = [(m, m.training) for m in self.models.values()]
+        for module in self.models.values():
+            module.eval()
+        try:
+            recon, _ = self.reconstruct(images, sample=False)
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        return make_grid(torch.cat([images, recon]).float(), nrow=images.shape[0])
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
+    """Tile (N,3,H,W) images in [-1, 1] into one CHW image in [0, 1] (torchvision-free)."""
+    images = ((images.detach().cpu() + 1) / 2).clamp(0, 1)
+    n, c, h, w = images.shape
+    ncol = nrow
+    rows = math.ceil(n / ncol)
+    grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """Linear learning-rate warm-up, then constant."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def make_task(config: Config, stage: str) -> AutoencoderTask:
+    # Later kinds of training (generators) register here; the loop only sees this function.
+    return AutoencoderTask(config, stage)
