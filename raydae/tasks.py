@@ -23,7 +23,14 @@ from torch import nn
 from raydae.config import Config
 from raydae.errors import UserError
 from raydae.losses import adaptive_gan_weight, build_lpips, hinge_d_loss, hinge_g_loss, reconstruction_loss
-from raydae.models import NLayerDiscriminator, build_bottleneck, build_decoder, build_encoder, count_parameters
+from raydae.models import (
+    DiagonalGaussianBottleneck,
+    build_bottleneck,
+    build_decoder,
+    build_discriminator,
+    build_encoder,
+    count_parameters,
+)
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
 
@@ -55,9 +62,7 @@ class DecoderOnFrozenLatents(nn.Module):
 
 def run_bottleneck(bottleneck: nn.Module, h: torch.Tensor, sample: bool):
     # The KL bottleneck samples during training and returns its mean for evaluation; VQ is deterministic.
-    if getattr(bottleneck, "stochastic", False) or hasattr(bottleneck, "encode") and not hasattr(
-        bottleneck, "encode_indices"
-    ):
+    if isinstance(bottleneck, DiagonalGaussianBottleneck):
         return bottleneck(h, sample=sample)
     return bottleneck(h)
 
@@ -90,11 +95,7 @@ class AutoencoderTask:
         self.bottleneck = build_bottleneck(ae)
         self.decoder = build_decoder(ae, decoder_cfg)
         disc = config.loss.discriminator
-        self.discriminator = (
-            NLayerDiscriminator(in_channels=3, base_channels=disc.base_channels, num_layers=disc.num_layers)
-            if disc.enabled
-            else None
-        )
+        self.discriminator = build_discriminator(disc) if disc.enabled else None
         self.lpips = build_lpips(config.loss)
         self.models: dict[str, nn.Module] = {
             "encoder": self.encoder,

@@ -1,0 +1,121 @@
+"""Training logic in plain PyTorch (no Ray): what each stage trains and freezes."""
+
+import pytest
+import torch
+
+from raydae.config import load_config
+from raydae.tasks import AutoencoderTask, make_grid
+
+
+def _batch(config, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = config.data.image_size
+    return {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1, "label": torch.zeros(n, dtype=torch.long)}
+
+
+def _stage1_state(config):
+    stage1 = AutoencoderTask(config, "stage1")
+    stage1.prepare(torch.device("cpu"))
+    for step in range(3):
+        stage1.train_step(_batch(config, seed=step), step)
+    return {"models": {name: m.state_dict() for name, m in stage1.models.items()}}
+
+
+@pytest.mark.parametrize("bottleneck", ["kl", "vq"])
+def test_stage2_freezes_the_encoder_bit_for_bit(bottleneck):
+    config = load_config("tiny", overrides=[f"ae.bottleneck={bottleneck}"])
+    state = _stage1_state(config)
+    stage2 = AutoencoderTask(config, "stage2")
+    stage2.load_previous_stage(state)
+    stage2.prepare(torch.device("cpu"))
+    before = {k: v.clone() for k, v in stage2.encoder.state_dict().items()}
+    before_bottleneck = {k: v.clone() for k, v in stage2.bottleneck.state_dict().items()}
+    decoder_before = [p.clone() for p in stage2.decoder.parameters()]
+    for step in range(4):
+        stage2.train_step(_batch(config, seed=10 + step), step)
+        # No gradient reaches the frozen encoder.
+        assert all(p.grad is None for p in stage2.encoder.parameters())
+        assert all(not p.requires_grad for p in stage2.encoder.parameters())
+    for key, value in stage2.encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        assert torch.equal(value, state["models"]["encoder"][key]), key  # it is stage 1's encoder
+    for key, value in stage2.bottleneck.state_dict().items():  # VQ codebook (EMA buffers) frozen too
+        assert torch.equal(value, before_bottleneck[key]), key
+    # ... while the final decoder did train.
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, stage2.decoder.parameters()))
+
+
+def test_stage1_trains_the_auxiliary_decoder_and_stage2_a_fresh_final_one():
+    config = load_config("tiny", overrides=["ae.aux_decoder.width=0.5", "ae.decoder.width=1.0"])
+    stage1, stage2, joint = (AutoencoderTask(config, s) for s in ("stage1", "stage2", "joint"))
+    assert stage1.parameter_counts()["decoder"] < stage2.parameter_counts()["decoder"]
+    assert joint.parameter_counts()["decoder"] == stage2.parameter_counts()["decoder"]
+    assert stage2.frozen == {"encoder", "bottleneck"} and stage1.frozen == set() and joint.frozen == set()
+
+
+def test_joint_training_updates_encoder_and_decoder():
+    config = load_config("tiny", overrides=["train.mode=joint"])
+    task = AutoencoderTask(config, "joint")
+    task.prepare(torch.device("cpu"))
+    enc = [p.clone() for p in task.encoder.parameters()]
+    logs = task.train_step(_batch(config), 0)
+    assert {"loss/total", "loss/reconstruction", "bottleneck/kl"} <= set(logs)
+    assert any(not torch.equal(a, b) for a, b in zip(enc, task.encoder.parameters()))
+
+
+def test_reconstruction_loss_falls_on_a_fixed_batch():
+    config = load_config("tiny", overrides=["train.lr=0.003"])
+    task = AutoencoderTask(config, "joint")
+    task.prepare(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    batch = {"image": smooth, "label": torch.zeros(4, dtype=torch.long)}
+    first = task.train_step(batch, 0)["loss/reconstruction"]
+    for step in range(1, 80):
+        last = task.train_step(batch, step)["loss/reconstruction"]
+    assert last < 0.5 * first
+
+
+def test_discriminator_joins_after_its_start_step():
+    config = load_config("tiny", overrides=["loss.discriminator.enabled=true", "loss.discriminator.start_step=2",
+                                             "loss.discriminator.base_channels=8",
+                                             "loss.discriminator.num_layers=1"])
+    task = AutoencoderTask(config, "stage1")
+    task.prepare(torch.device("cpu"))
+    assert "loss/discriminator" not in task.train_step(_batch(config), 0)
+    logs = task.train_step(_batch(config), 2)
+    assert "loss/discriminator" in logs and "gan_weight" in logs and logs["gan_weight"] >= 0
+
+
+def test_warm_start_needs_matching_decoder_shapes():
+    from raydae.errors import UserError
+
+    config = load_config("tiny", overrides=["train.warm_start_decoder=true"])
+    state = _stage1_state(config)
+    with pytest.raises(UserError, match="warm_start_decoder"):
+        AutoencoderTask(config, "stage2").load_previous_stage(state)
+    same = load_config("tiny", overrides=["train.warm_start_decoder=true", "ae.aux_decoder.width=1.0",
+                                          "ae.aux_decoder.dropout=0.2"])
+    state = _stage1_state(same)
+    task = AutoencoderTask(same, "stage2")
+    task.load_previous_stage(state)
+    for key, value in task.decoder.state_dict().items():
+        assert torch.equal(value, state["models"]["decoder"][key])
+
+
+def test_evaluate_reports_mse_psnr_ssim_consistently():
+    config = load_config("tiny")
+    task = AutoencoderTask(config, "joint")
+    task.prepare(torch.device("cpu"))
+    metrics = task.evaluate([_batch(config, 8, seed=1), _batch(config, 4, seed=2)])
+    assert metrics["val/images"] == 12
+    assert metrics["val/mse"] > 0
+    assert -1 <= metrics["val/ssim"] <= 1
+    # PSNR on [0, 1] images is -10 log10(MSE) when computed over the whole set.
+    assert metrics["val/psnr"] == pytest.approx(-10 * torch.log10(torch.tensor(metrics["val/mse"])).item(), rel=1e-4)
+
+
+def test_image_grid_tiles_inputs_over_reconstructions():
+    grid = make_grid(torch.zeros(6, 3, 4, 4), nrow=3, pad=1)
+    assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
+    assert grid.min() >= 0 and grid.max() <= 1
