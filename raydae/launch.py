@@ -39,7 +39,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 
