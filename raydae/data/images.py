@@ -42,7 +42,13 @@ def list_images(root: str) -> ImageListing:
     """
     root = os.path.abspath(root)
     paths = []
+    seen = set()  # real paths of visited folders: symlinked folders are followed, loops are not
     for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_folder = os.path.relpath(folder, root)
         for name in files:
@@ -132,6 +138,17 @@ def fit_square(img: Image.Image, size: int) -> np.ndarray:
 def load_square(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 size x size x 3 RGB."""
     return fit_square(open_rgb(data, draft_size=size), size)
+
+
+def decode_squares(blobs, names, size: int) -> np.ndarray:
+    """Encoded images -> uint8 N x size x size x 3; a failure names its file (`names`, same order)."""
+    squares = []
+    for data, name in zip(blobs, names):
+        try:
+            squares.append(load_square(data, size))
+        except Exception as err:  # noqa: BLE001 - re-raised with the file's name, which PIL leaves out
+            raise ValueError(f"image {name} does not decode: {describe_error(err)}") from err
+    return np.stack(squares) if squares else np.zeros((0, size, size, 3), dtype=np.uint8)
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:

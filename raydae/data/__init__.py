@@ -1,0 +1,16 @@
+"""Training data as Ray Datasets (driver side); see datasets.py for the sources.
+
+    bundle = build_datasets(config.data, report_dir=run_dir)
+    TorchTrainer(..., datasets={"train": bundle.train, "val": bundle.val})
+    # on a worker:
+    ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=..., dtypes={"image": torch.float32, "label": torch.int64})
+
+Rows hold exactly `image` (float32, 3 x S x S, in [-1, 1]) and `label` (int64).
+"""
+
+from raydae.data.datasets import BAD_FILES_NAME, DataBundle, build_datasets
+from raydae.data.pack import pack_folder
+from raydae.data.shapes import SHAPE_NAMES, render_shapes
+
+__all__ = ["BAD_FILES_NAME", "DataBundle", "SHAPE_NAMES", "build_datasets", "pack_folder", "render_shapes"]

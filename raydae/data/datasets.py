@@ -1,0 +1,239 @@
+"""Ray Datasets for training: rows of `image` (float32 3 x S x S in [-1, 1]) and `label` (int64).
+
+Three sources, chosen by data.source:
+  builtin:shapes   rendered once with map_batches, materialised as uint8, normalised lazily;
+  an image folder  a preflight pass decodes every file (Ray's read_images aborts the whole read on one
+                   bad file and may not say which), then the good files are read and decoded per epoch;
+  a Parquet folder written by `raydae data pack` (recognised by its manifest.json).
+A Train worker reads them with `get_dataset_shard(...).iter_torch_batches(dtypes=...)`.
+
+`import ray` happens inside the functions so `raydae data pack` does not pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from raydae.config import DataConfig
+from raydae.data import images as imgs
+from raydae.data.pack import MANIFEST_NAME, read_manifest, read_paths
+from raydae.data.shapes import SHAPE_NAMES, render_shapes
+from raydae.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("builtin:shapes",)
+BAD_FILES_NAME = "bad_files.txt"
+SOURCE_HINT = "give an image folder, a packed Parquet folder or builtin:shapes"
+
+
+@dataclass
+class DataBundle:
+    train: "ray.data.Dataset"
+    val: "ray.data.Dataset"
+    num_train: int
+    num_val: int
+    label_names: list[str]
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of bad files skipped
+
+
+def build_datasets(data_cfg: DataConfig, report_dir: str | None = None) -> DataBundle:
+    """The train and val datasets for data_cfg.source; bad files skipped are listed in report_dir."""
+    source = data_cfg.source.strip()
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise UserError(f"data.source={source}: unknown built-in data set; built-in: {', '.join(BUILTIN_SOURCES)}")
+        bundle = _shapes(data_cfg)
+    else:
+        root = os.path.abspath(os.path.expanduser(source))
+        if not os.path.exists(root):
+            raise UserError(f"data.source={source}: no such file or directory; {SOURCE_HINT}")
+        if not os.path.isdir(root):
+            raise UserError(f"data.source={source}: is a file, not a folder; {SOURCE_HINT}")
+        if os.path.isfile(os.path.join(root, MANIFEST_NAME)):
+            bundle = _parquet(root, data_cfg)
+        else:
+            bundle = _folder(root, data_cfg)
+    _report_skipped(bundle.skipped_files, report_dir)
+    log.info(
+        "data %s: %d train / %d val images, %d labels", source, bundle.num_train, bundle.num_val,
+        len(bundle.label_names),
+    )
+    return bundle
+
+
+def _report_skipped(skipped: list[tuple[str, str]], report_dir: str | None) -> None:
+    if not skipped:
+        return
+    if report_dir is None:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        log.warning("skipped %d unreadable files (%s%s)", len(skipped), shown, more)
+        return
+    os.makedirs(report_dir, exist_ok=True)
+    path = os.path.join(report_dir, BAD_FILES_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{p}\t{' '.join(reason.split())}\n" for p, reason in skipped)
+    log.warning("skipped %d unreadable files (listed in %s)", len(skipped), path)
+
+
+# ------------------------------------------------------------------------------ builtin:shapes
+def _shapes(cfg: DataConfig) -> DataBundle:
+    for name in ("train_size", "val_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"config data.{name}: builtin:shapes needs at least 1 image, got {getattr(cfg, name)}")
+    return DataBundle(
+        train=_shapes_split(cfg, "train", cfg.train_size),
+        val=_shapes_split(cfg, "val", cfg.val_size),
+        num_train=cfg.train_size,
+        num_val=cfg.val_size,
+        label_names=list(SHAPE_NAMES),
+    )
+
+
+def _shapes_split(cfg: DataConfig, split: str, count: int) -> "ray.data.Dataset":
+    import ray
+
+    # ~1000 images (about 0.1 s of rendering) per task; render once, keep uint8 (4x smaller than
+    # float32), and normalise lazily each epoch, which costs far less than rendering again.
+    rendered = ray.data.range(count, override_num_blocks=max(1, math.ceil(count / 1000))).map_batches(
+        _render_batch,
+        batch_size=None,
+        fn_kwargs={"seed": cfg.seed, "split": split, "image_size": cfg.image_size, "max_shapes": cfg.max_shapes},
+    )
+    return rendered.materialize().map_batches(_normalise_batch)
+
+
+def _render_batch(batch, seed: int, split: str, image_size: int, max_shapes: int) -> dict:
+    images, labels = render_shapes(seed, split, batch["id"], image_size, max_shapes)
+    return {"image": images, "label": labels}
+
+
+def _normalise_batch(batch) -> dict:
+    return {"image": imgs.to_model_input(batch["image"]), "label": batch["label"]}
+
+
+# ------------------------------------------------------------------------------- image folder
+def _folder(root: str, cfg: DataConfig) -> DataBundle:
+    listing = imgs.list_images(root)
+    bad = sorted(find_bad_files(listing.absolute()))
+    if bad and cfg.on_bad_file == "error":
+        path, reason = bad[0]
+        more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise UserError(f"bad image file {path}: {reason}{more}; remove or fix it, or set data.on_bad_file=skip")
+    bad_paths = {path for path, _ in bad}
+    good = [i for i, path in enumerate(listing.absolute()) if path not in bad_paths]
+    if not good:
+        raise UserError(
+            f"data.source={root}: all {len(bad)} image files are unreadable (first: {bad[0][0]}: {bad[0][1]})"
+        )
+    train_idx, val_idx = imgs.split_indices([listing.paths[i] for i in good], cfg.val_fraction)
+    _check_split(root, len(train_idx), len(val_idx), cfg.val_fraction)
+    label_index = {name: i for i, name in enumerate(listing.label_names)}
+    return DataBundle(
+        train=_files_dataset(root, listing.absolute([good[i] for i in train_idx]), label_index, cfg.image_size),
+        val=_files_dataset(root, listing.absolute([good[i] for i in val_idx]), label_index, cfg.image_size),
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+        label_names=listing.label_names,
+        skipped_files=bad,
+    )
+
+
+def find_bad_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) for every file among `paths` that does not decode, checked in parallel."""
+    import ray
+
+    ds = ray.data.read_binary_files(paths, include_paths=True).map_batches(_check_batch)
+    return [(row["path"], row["error"]) for row in ds.take_all()]
+
+
+def _check_batch(batch) -> dict:
+    bad_paths, errors = [], []
+    for path, data in zip(batch["path"], batch["bytes"]):
+        try:
+            imgs.open_rgb(data)
+        except Exception as err:  # noqa: BLE001 - any failure makes the file unusable; say why
+            bad_paths.append(str(path))
+            errors.append(imgs.describe_error(err))
+    return {"path": np.array(bad_paths, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+def _files_dataset(root: str, paths: list[str], label_index: dict[str, int], size: int) -> "ray.data.Dataset":
+    import ray
+
+    return ray.data.read_binary_files(paths, include_paths=True).map_batches(
+        _decode_files_batch, fn_kwargs={"root": root, "label_index": label_index, "size": size}
+    )
+
+
+def _decode_files_batch(batch, root: str, label_index: dict[str, int], size: int) -> dict:
+    # The path column is dropped here: a string column breaks iter_torch_batches (RAY.md).
+    images = imgs.decode_squares(batch["bytes"], batch["path"], size)
+    labels = [imgs.label_of(os.path.relpath(p, root).replace(os.sep, "/"), label_index) for p in batch["path"]]
+    return {"image": imgs.to_model_input(images), "label": np.array(labels, dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------- Parquet shards
+def _parquet(root: str, cfg: DataConfig) -> DataBundle:
+    import ray
+
+    manifest = read_manifest(root)
+    shards = [os.path.join(root, name) for name in manifest["shards"]]
+    rel_paths = read_paths(shards)
+    if not rel_paths:
+        raise UserError(f"data.source={root}: the packed data set holds no images; pack a folder with images")
+    train_idx, val_idx = imgs.split_indices(rel_paths, cfg.val_fraction)
+    _check_split(root, len(train_idx), len(val_idx), cfg.val_fraction)
+    packed_size = manifest.get("image_size")
+    if packed_size is not None and packed_size < cfg.image_size:
+        log.warning(
+            "data %s was packed at %dx%d but data.image_size=%d: images are upscaled; pack again at that size",
+            root, packed_size, packed_size, cfg.image_size,
+        )
+    if manifest["skipped"]:
+        log.info("data %s: %d files were skipped when it was packed (see its manifest)", root, len(manifest["skipped"]))
+
+    def split(want_val: bool) -> "ray.data.Dataset":
+        return ray.data.read_parquet(shards).map_batches(
+            _decode_parquet_batch,
+            fn_kwargs={"size": cfg.image_size, "val_fraction": cfg.val_fraction, "want_val": want_val},
+        )
+
+    return DataBundle(
+        train=split(False),
+        val=split(True),
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+        label_names=list(manifest["label_names"]),
+    )
+
+
+def _decode_parquet_batch(batch, size: int, val_fraction: float, want_val: bool) -> dict:
+    # `image` arrives as an object array of Python bytes (RAY.md); keep this split's rows, decode them.
+    keep = [i for i, p in enumerate(batch["path"]) if imgs.is_val(str(p), val_fraction) == want_val]
+    images = imgs.decode_squares(batch["image"][keep], batch["path"][keep], size)
+    return {"image": imgs.to_model_input(images), "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
+
+
+def _check_split(root: str, num_train: int, num_val: int, val_fraction: float) -> None:
+    total = num_train + num_val
+    if num_val == 0:
+        raise UserError(
+            f"data.source={root}: the validation split is empty ({total} images, data.val_fraction={val_fraction}); "
+            f"raise data.val_fraction or add images"
+        )
+    if num_train == 0:
+        raise UserError(
+            f"data.source={root}: the training split is empty ({total} images, data.val_fraction={val_fraction}); "
+            f"lower data.val_fraction or add images"
+        )

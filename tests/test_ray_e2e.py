@@ -1,0 +1,109 @@
+"""End-to-end Ray Train tests on tiny data: both DAE stages on 2 workers, resume, refusal, fault recovery."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydae.config import load_config
+from raydae.errors import UserError
+from raydae.loop import load_state
+from raydae.pipeline import RunOptions, run_pipeline
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def _encoder_of(checkpoint: str) -> dict:
+    return load_state(checkpoint)["models"]["encoder"]
+
+
+@pytest.fixture(scope="module")
+def dae_run(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    config = load_config("tiny", overrides=["scaling.num_workers=2"])
+    options = RunOptions(storage=str(storage), name="dae2")
+    metrics = run_pipeline(config, options)
+    return config, options, metrics, storage / "dae2"
+
+
+def test_dae_runs_both_stages_on_two_workers(dae_run):
+    config, _, metrics, run_dir = dae_run
+    assert set(metrics["stages"]) == {"stage1", "stage2"}
+    for stage in ("stage1", "stage2"):
+        summary = metrics["stages"][stage]
+        assert summary["steps"] == config.stage_steps(stage)
+        assert 0 < summary["val_mse"] < 1 and summary["val_psnr"] > 0 and -1 <= summary["val_ssim"] <= 1
+        assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
+        assert list((run_dir / "tensorboard" / stage).glob("events.out.tfevents.*"))
+        state = load_state(summary["checkpoint"])
+        assert state["step"] == config.stage_steps(stage) and state["history"][-1]["world_size"] == 2
+        assert state["config"] == config.to_dict()  # the checkpoint can rebuild its models alone
+    assert metrics["parameters"]["aux_decoder"] < metrics["parameters"]["decoder"]
+    assert (run_dir / "DONE").exists() and (run_dir / "config.yaml").exists()
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk["stages"]["stage2"]["val_mse"] == metrics["stages"]["stage2"]["val_mse"]
+
+
+def test_stage2_kept_stage1_encoder_bit_for_bit(dae_run):
+    _, _, metrics, _ = dae_run
+    first = _encoder_of(metrics["stages"]["stage1"]["checkpoint"])
+    second = _encoder_of(metrics["stages"]["stage2"]["checkpoint"])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_finished_run_is_refused_unless_resume(dae_run):
+    config, options, metrics, run_dir = dae_run
+    with pytest.raises(UserError, match="already finished.*--resume.*--overwrite"):
+        run_pipeline(config, options)
+    again = run_pipeline(config, RunOptions(storage=options.storage, name=options.name, resume=True))
+    assert again["stages"] == metrics["stages"]  # nothing retrained
+
+
+def test_changed_config_on_an_existing_run_is_refused(dae_run, tmp_path):
+    config, options, _, run_dir = dae_run
+    (run_dir / "DONE").rename(run_dir / "DONE.bak")  # look unfinished
+    try:
+        changed = load_config("tiny", overrides=["scaling.num_workers=2", "ae.latent_channels=3"])
+        with pytest.raises(UserError, match=r"different config \(ae.latent_channels: 2 -> 3\)"):
+            run_pipeline(changed, options)
+    finally:
+        (run_dir / "DONE.bak").rename(run_dir / "DONE")
+
+
+def test_stage2_refuses_a_stage1_checkpoint_of_another_latent_shape(dae_run, tmp_path):
+    _, _, metrics, _ = dae_run
+    other = load_config("tiny", overrides=["ae.latent_channels=3"])
+    with pytest.raises(UserError) as err:
+        run_pipeline(other, RunOptions(storage=str(tmp_path), name="x",
+                                       stage1_from=metrics["stages"]["stage1"]["checkpoint"]))
+    assert "kl latent 2x8x8" in str(err.value) and "kl latent 3x8x8" in str(err.value)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_worker_failure_resumes_from_the_checkpoint_not_step_zero(ray_session, tmp_path):
+    config = load_config("tiny", overrides=["train.mode=joint", "train.joint_steps=8",
+                                            "train.checkpoint_every=2", "train.fail_at_step=5",
+                                            "scaling.max_failures=1"])
+    metrics = run_pipeline(config, RunOptions(storage=str(tmp_path), name="fault"))
+    history = load_state(metrics["stages"]["joint"]["checkpoint"])["history"]
+    starts = [attempt["attempt_start_step"] for attempt in history]
+    assert starts[0] == 0 and len(starts) == 2
+    assert 2 <= starts[1] <= 4  # the retry began at a registered checkpoint (step 2 or 4), not at 0
+    assert metrics["stages"]["joint"]["steps"] == 8
+
+
+def test_rerunning_a_failed_run_continues_it(ray_session, tmp_path):
+    config = load_config("tiny", overrides=["train.mode=joint", "train.joint_steps=8",
+                                            "train.checkpoint_every=2", "train.fail_at_step=5",
+                                            "scaling.max_failures=0"])
+    options = RunOptions(storage=str(tmp_path), name="crash")
+    with pytest.raises(UserError, match="joint failed: RuntimeError: injected failure at step 5"):
+        run_pipeline(config, options)
+    assert not (tmp_path / "crash" / "DONE").exists()
+    assert not (tmp_path / "crash" / "joint.done.json").exists()
+    metrics = run_pipeline(config, options)  # the same command again
+    starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
+    assert starts[0] == 0 and starts[-1] >= 2
+    assert (tmp_path / "crash" / "DONE").exists()
