@@ -96,9 +96,13 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     local_ray = launch.connect(options.address)
     launch.check_resources(config, local_ray)
     started = time.time()
+    bundle = build_datasets(config.data)  # bad data stops here, before the run folder is touched
     run.make()
-    bundle = build_datasets(config.data, report_dir=run.path if run.is_local else None)
     run.write_text("config.yaml", config.to_yaml())
+    if bundle.skipped_files:
+        run.write_text("bad_files.txt", "".join(f"{path}\t{why}\n" for path, why in bundle.skipped_files))
+        print(f"skipped {len(bundle.skipped_files)} unreadable image file(s), listed in "
+              f"{run.child('bad_files.txt')}", flush=True)
     datasets = {"train": bundle.train, "val": bundle.val}
     print(f"run {run.uri}: {config.train.mode} on {config.data.source} "
           f"({bundle.num_train} train / {bundle.num_val} val images)", flush=True)
