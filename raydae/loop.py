@@ -93,7 +93,8 @@ def train_worker(loop_config: dict) -> None:
         else torch.autocast(device_type=device.type, enabled=False)
     )
     shard = ray.train.get_dataset_shard("train")
-    wait_time = step_time = 0.0
+    wait_time = step_time = 0.0  # whole attempt
+    window_wait = window_time = 0.0  # since the last progress line
     window_images, window_start = 0, time.perf_counter()
     sums: dict[str, float] = {}
     sample_batch = None
@@ -110,7 +111,10 @@ def train_worker(loop_config: dict) -> None:
         for batch in batches:
             got_batch = True
             fetched = time.perf_counter()
+            if trained_steps == 0:
+                tick = fetched  # the first fetch is the pipeline's start-up, not steady-state waiting
             wait_time += fetched - tick
+            window_wait += fetched - tick
             if sample_batch is None:
                 sample_batch = batch["image"][:16].clone()
             if train.fail_at_step == step and checkpoint is None:
@@ -125,6 +129,7 @@ def train_worker(loop_config: dict) -> None:
                 sums[key] = sums.get(key, 0.0) + value
             tock = time.perf_counter()
             step_time += tock - tick
+            window_time += tock - tick
             tick = tock
 
             if writer is not None and step % train.log_every == 0:
@@ -135,15 +140,16 @@ def train_worker(loop_config: dict) -> None:
                 lr = task.optimizers["autoencoder"].param_groups[0]["lr"]
                 writer.add_scalar(f"{stage}/lr", lr, step)
                 writer.add_scalar(f"{stage}/images_per_second", window_images / elapsed, step)
-                writer.add_scalar(f"{stage}/data_wait_fraction", wait_time / max(step_time, 1e-9), step)
+                writer.add_scalar(f"{stage}/data_wait_fraction", window_wait / max(window_time, 1e-9), step)
                 print(
                     f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  "
                     f"rec {means.get('loss/reconstruction', float('nan')):.4f}  "
-                    f"{window_images / elapsed:.0f} img/s  data wait {100 * wait_time / max(step_time, 1e-9):.1f}%",
+                    f"{window_images / elapsed:.0f} img/s  data wait {100 * window_wait / max(window_time, 1e-9):.1f}%",
                     flush=True,
                 )
             if step % train.log_every == 0:
                 sums, window_images, window_start = {}, 0, time.perf_counter()
+                window_wait = window_time = 0.0
             if writer is not None and step % train.image_every == 0 and sample_batch is not None:
                 writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
             if step % train.checkpoint_every == 0 and step < steps:

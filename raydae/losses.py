@@ -137,7 +137,9 @@ def _unit_channels(h: Tensor, eps: float = 1e-10) -> Tensor:
     return h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
 
 
-def _load_checked(path: str | Path, key: str, expected: dict[str, tuple[int, ...]], hint: str) -> dict[str, Tensor]:
+def _load_checked(
+    path: str | Path, key: str, expected: dict[str, tuple[int, ...]], hint: str
+) -> dict[str, Tensor]:
     """Load a state dict and keep exactly the `expected` entries; extra keys (classifier) are ignored."""
     where = f"{key}={path}"
     if not Path(path).is_file():
@@ -160,7 +162,10 @@ def _load_checked(path: str | Path, key: str, expected: dict[str, tuple[int, ...
 
 
 def build_lpips(loss_cfg: LossConfig) -> LPIPS | None:
-    """LPIPS from `loss.lpips_weights` and `loss.vgg16_weights`; None unless both are given."""
-    if not loss_cfg.lpips_weights or not loss_cfg.vgg16_weights:
+    """LPIPS from `loss.lpips_weights` and `loss.vgg16_weights`; None when neither is given."""
+    if not loss_cfg.lpips_weights and not loss_cfg.vgg16_weights:
         return None
+    if not loss_cfg.lpips_weights or not loss_cfg.vgg16_weights:
+        missing = "loss.lpips_weights" if not loss_cfg.lpips_weights else "loss.vgg16_weights"
+        raise UserError(f"LPIPS needs both weight files: {missing} is empty; give it or clear the other one")
     return LPIPS.from_files(loss_cfg.lpips_weights, loss_cfg.vgg16_weights)

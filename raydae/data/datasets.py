@@ -74,10 +74,10 @@ def build_datasets(data_cfg: DataConfig, report_dir: str | None = None) -> DataB
 def _report_skipped(skipped: list[tuple[str, str]], report_dir: str | None) -> None:
     if not skipped:
         return
-    if report_dir is None:
+    if report_dir is None:  # the caller holds bundle.skipped_files and reports them itself
         shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        log.warning("skipped %d unreadable files (%s%s)", len(skipped), shown, more)
+        log.info("skipped %d unreadable files (%s%s)", len(skipped), shown, more)
         return
     os.makedirs(report_dir, exist_ok=True)
     path = os.path.join(report_dir, BAD_FILES_NAME)

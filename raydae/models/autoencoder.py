@@ -9,7 +9,6 @@ decoder is this same class made weaker through those knobs, not a different arch
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from raydae.config import AutoencoderConfig, DecoderConfig

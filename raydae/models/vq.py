@@ -127,7 +127,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         sums = torch.zeros_like(self.embedding).index_add_(0, indices, flat) if self.ema else None
         if _distributed():
-            pass
+            dist.all_reduce(counts)
             if sums is not None:
                 dist.all_reduce(sums)
         decay = self.ema_decay
