@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,7 +27,7 @@ QUIET_RAY_ENV = {
 }
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None = None, config: Config | None = None) -> bool:
     """Connect to the cluster at `address`/RAY_ADDRESS, or start an embedded local Ray.
 
     Returns True when Ray was started here (a local, fixed-size "cluster" with no autoscaler).
@@ -39,6 +40,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
+    # The Train workers hold their CPUs for the whole fit; Ray Data's map tasks need at least one more,
+    # or the input pipeline waits forever. On a small machine, advertise that one extra logical CPU.
+    num_cpus = os.cpu_count() or 1
+    if config is not None:
+        needed = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
+        num_cpus = max(num_cpus, needed)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 

@@ -85,7 +85,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def run_pipeline(config: Config, options: RunOptions) -> dict:
     """Train every stage of `config.train.mode`, skipping finished ones; returns the run's metrics."""
     from raydae import launch
-    from raydae.data import build_datasets
+    from raydae.data import build_datasets, check_source
 
     run, finished = prepare_run_folder(config, options)
     if finished:
@@ -93,7 +93,8 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
         return run.read_json("metrics.json")
     stage1_state = _check_stage1_source(config, options.stage1_from) if options.stage1_from else None
 
-    local_ray = launch.connect(options.address)
+    check_source(config.data)  # a missing data path fails before Ray starts
+    local_ray = launch.connect(options.address, config)
     launch.check_resources(config, local_ray)
     started = time.time()
     bundle = build_datasets(config.data)  # bad data stops here, before the run folder is touched

@@ -177,10 +177,17 @@ class AutoencoderTask:
             return run_bottleneck(self.bottleneck, self.encoder(images), sample)
 
     def reconstruct(self, images: torch.Tensor, sample: bool):
+        """Training forward, through the (DDP-)wrapped unit: every rank must call it together."""
         if self.stage == "stage2":
             out = self.encode_frozen(images, sample)
             return self.trained_unit(out.z), out
         return self.trained_unit(images, sample=sample)
+
+    def reconstruct_unwrapped(self, images: torch.Tensor):
+        """Evaluation forward on the plain modules. Rank 0 evaluates alone, and a DDP forward there
+        would wait forever for the other ranks' collectives."""
+        out = run_bottleneck(self.bottleneck, self.encoder(images), sample=False)
+        return self.decoder(out.z), out
 
     def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
         images = batch["image"]
@@ -245,12 +252,13 @@ class AutoencoderTask:
         try:
             for batch in batches:
                 images = batch["image"]
-                recon, out = self.reconstruct(images, sample=False)
+                recon, out = self.reconstruct_unwrapped(images)
                 real01 = ((images + 1) / 2).clamp(0, 1).float()
                 fake01 = ((recon + 1) / 2).clamp(0, 1).float()
                 if psnr is None:
-                    psnr = PeakSignalNoiseRatio(data_range=1.0).to(images.device)
-                    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(images.device)
+                    # Rank 0 evaluates alone: torchmetrics must not gather from the other DDP ranks.
+                    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(images.device)
+                    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(images.device)
                 psnr.update(fake01, real01)
                 ssim.update(fake01, real01)
                 squared_error += float(((fake01 - real01) ** 2).sum())
@@ -281,7 +289,7 @@ class AutoencoderTask:
         for module in self.models.values():
             module.eval()
         try:
-            recon, _ = self.reconstruct(images, sample=False)
+            recon, _ = self.reconstruct_unwrapped(images)
         finally:
             for module, mode in modes:
                 module.train(mode)

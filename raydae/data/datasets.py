@@ -49,16 +49,10 @@ class DataBundle:
 def build_datasets(data_cfg: DataConfig, report_dir: str | None = None) -> DataBundle:
     """The train and val datasets for data_cfg.source; bad files skipped are listed in report_dir."""
     source = data_cfg.source.strip()
-    if source.startswith("builtin:"):
-        if source not in BUILTIN_SOURCES:
-            raise UserError(f"data.source={source}: unknown built-in data set; built-in: {', '.join(BUILTIN_SOURCES)}")
+    root = check_source(data_cfg)
+    if root is None:
         bundle = _shapes(data_cfg)
     else:
-        root = os.path.abspath(os.path.expanduser(source))
-        if not os.path.exists(root):
-            raise UserError(f"data.source={source}: no such file or directory; {SOURCE_HINT}")
-        if not os.path.isdir(root):
-            raise UserError(f"data.source={source}: is a file, not a folder; {SOURCE_HINT}")
         if os.path.isfile(os.path.join(root, MANIFEST_NAME)):
             bundle = _parquet(root, data_cfg)
         else:
@@ -69,6 +63,21 @@ def build_datasets(data_cfg: DataConfig, report_dir: str | None = None) -> DataB
         len(bundle.label_names),
     )
     return bundle
+
+
+def check_source(data_cfg: DataConfig) -> str | None:
+    """Cheap checks that need no Ray (run before starting it): the folder for a path source, else None."""
+    source = data_cfg.source.strip()
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise UserError(f"data.source={source}: unknown built-in data set; built-in: {', '.join(BUILTIN_SOURCES)}")
+        return None
+    root = os.path.abspath(os.path.expanduser(source))
+    if not os.path.exists(root):
+        raise UserError(f"data.source={source}: no such file or directory; {SOURCE_HINT}")
+    if not os.path.isdir(root):
+        raise UserError(f"data.source={source}: is a file, not a folder; {SOURCE_HINT}")
+    return root
 
 
 def _report_skipped(skipped: list[tuple[str, str]], report_dir: str | None) -> None:
