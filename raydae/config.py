@@ -35,6 +35,9 @@ class DataConfig:
     seed: int = 0  # builtin:shapes content; the split of folders does not depend on it
     on_bad_file: str = "error"  # error: stop naming the file | skip: go on and list skipped files
     max_shapes: int = 3  # builtin:shapes: one to this many shapes per image
+    # Training order: blocks in a seeded random order, then a local shuffle buffer of this many rows in
+    # each worker (reseeded every epoch). 0 turns shuffling off (e.g. to read a folder in file order).
+    shuffle_buffer: int = 2048
 
 
 # ---------------------------------------------------------------------------------- autoencoder
@@ -368,5 +371,7 @@ def validate(config: Config) -> None:
     for stage in config.stages():
         if config.stage_steps(stage) <= 0:
             raise UserError(f"config: {stage} has {config.stage_steps(stage)} steps; give it at least 1")
+    if config.data.shuffle_buffer < 0:
+        raise UserError(f"config data.shuffle_buffer: must be 0 (off) or positive, got {config.data.shuffle_buffer}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"config data.val_fraction: must be in (0, 1), got {config.data.val_fraction}")

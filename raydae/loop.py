@@ -101,11 +101,16 @@ def train_worker(loop_config: dict) -> None:
     started = time.perf_counter()
     trained_steps = 0
 
+    epoch = 0
     while step < steps:
+        shuffle = config.data.shuffle_buffer
         batches = shard.iter_torch_batches(
             batch_size=per_worker_batch, drop_last=True, device=device,
             dtypes={"image": torch.float32, "label": torch.int64},
+            local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=(train.seed * 100003 + (step + epoch) * 31 + rank) if shuffle else None,
         )
+        epoch += 1
         tick = time.perf_counter()
         got_batch = False
         for batch in batches:
@@ -177,7 +182,7 @@ def train_worker(loop_config: dict) -> None:
         for key, value in metrics.items():
             if isinstance(value, float) and key.startswith("val/"):
                 writer.add_scalar(f"{stage}/{key}", value, step)
-        if sample_batch is not None:
+        if sample_batch is not None and step % train.image_every:
             writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
         writer.flush()
     _report(task, config, stage, step, history, metrics, rank, final=True)

@@ -189,3 +189,10 @@ def _check_stage_compatibility(config: Config, stage1_uri: str) -> None:
             f"stage-1 checkpoint {stage1_uri} has a {describe_signature(have)} but stage 2 expects a "
             f"{describe_signature(want)}; use a matching checkpoint or the same ae.* settings"
         )
+    # The frozen encoder's weights must also fit the encoder this config builds.
+    fields = ("base_channels", "channel_mults", "num_res_blocks")
+    differing = [f"ae.{f}: {getattr(stage1_config.ae, f)!r} vs {getattr(config.ae, f)!r}"
+                 for f in fields if getattr(stage1_config.ae, f) != getattr(config.ae, f)]
+    if differing:
+        raise UserError(f"stage-1 checkpoint {stage1_uri} has another encoder ({', '.join(differing)}); "
+                        "use the checkpoint's ae.* encoder settings")

@@ -147,5 +147,8 @@ def test_lpips_wrong_layout_names_file_and_key(weight_files, tmp_path):
 def test_build_lpips_needs_both_files(weight_files):
     lin, vgg = weight_files
     assert build_lpips(LossConfig()) is None
-    assert build_lpips(LossConfig(lpips_weights=lin)) is None
+    with pytest.raises(UserError, match="loss.vgg16_weights is empty"):
+        build_lpips(LossConfig(lpips_weights=lin))
+    with pytest.raises(UserError, match="loss.lpips_weights is empty"):
+        build_lpips(LossConfig(vgg16_weights=vgg))
     assert isinstance(build_lpips(LossConfig(lpips_weights=lin, vgg16_weights=vgg)), LPIPS)

@@ -57,6 +57,9 @@ def build_datasets(data_cfg: DataConfig, report_dir: str | None = None) -> DataB
             bundle = _parquet(root, data_cfg)
         else:
             bundle = _folder(root, data_cfg)
+    if data_cfg.shuffle_buffer > 0:
+        # Image folders list files class by class: without this a batch would hold one class only.
+        bundle.train = bundle.train.randomize_block_order(seed=data_cfg.seed)
     _report_skipped(bundle.skipped_files, report_dir)
     log.info(
         "data %s: %d train / %d val images, %d labels", source, bundle.num_train, bundle.num_val,
