@@ -1,0 +1,152 @@
+"""Encode a dataset once with a frozen encoder and keep the latents as Parquet, keyed by a hash.
+
+Generators train from these shards (`get_dataset_shard(...).iter_torch_batches(...)`) instead of
+re-encoding images every epoch. The key hashes the encoder's and bottleneck's weights together with
+the data settings that decide which images were encoded, so a later run with the same encoder on the
+same data finds and reuses them under `<storage>/latents/<key>/`.
+
+Columns:
+    KL bottleneck: `mean`, `logvar` (float32, flattened C*h*w) and `label`
+    VQ bottleneck: `codes` (int64, flattened h*w raster order) and `label`
+`manifest.json` records the latent shape, counts and, for KL, the standard deviation of sampled
+latents on the training split (DiT scales latents by it rather than by a hard-coded constant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raydae.config import Config
+from raydae.storage import RunFolder
+
+MANIFEST = "manifest.json"
+FORMAT = "raydae-latents-v1"
+
+
+def encoder_key(state: dict, config: Config) -> str:
+    """Hash of the frozen encoder (+ bottleneck) weights and of the data that was encoded."""
+    digest = hashlib.sha256()
+    for module in ("encoder", "bottleneck"):
+        for name, tensor in sorted(state["models"][module].items()):
+            digest.update(f"{module}.{name}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data = config.data
+    digest.update(json.dumps([data.source, data.image_size, data.train_size, data.val_size,
+                              data.val_fraction, data.seed, data.max_shapes]).encode())
+    return digest.hexdigest()[:16]
+
+
+class EncodeBatch:
+    """Ray Data actor: builds the frozen encoder once, then encodes batches of images."""
+
+    def __init__(self, checkpoint_uri: str, use_gpu: bool = False):
+        import ray.train
+
+        from raydae.loop import load_state
+        from raydae.models import build_bottleneck, build_encoder
+
+        with ray.train.Checkpoint(checkpoint_uri).as_directory() as folder:
+            state = load_state(folder)
+        config = Config.from_dict(state["config"])
+        self.bottleneck_kind = config.ae.bottleneck
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder = build_encoder(config.ae)
+        self.bottleneck = build_bottleneck(config.ae)
+        self.encoder.load_state_dict(state["models"]["encoder"])
+        self.bottleneck.load_state_dict(state["models"]["bottleneck"])
+        for module in (self.encoder, self.bottleneck):
+            module.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        images = torch.as_tensor(np.asarray(batch["image"]), dtype=torch.float32, device=self.device)
+        h = self.encoder(images)
+        out = {"label": np.asarray(batch["label"], dtype=np.int64)}
+        if self.bottleneck_kind == "vq":
+            codes = self.bottleneck.encode_indices(h)
+            out["codes"] = codes.flatten(1).cpu().numpy().astype(np.int64)
+        else:
+            mean, logvar = self.bottleneck.encode(h)
+            out["mean"] = mean.flatten(1).float().cpu().numpy()
+            out["logvar"] = logvar.flatten(1).float().cpu().numpy()
+        return out
+
+
+@dataclass
+class LatentSet:
+    uri: str  # folder holding train/, val/ and manifest.json
+    manifest: dict
+    reused: bool
+
+
+def latent_folder(storage: str, key: str) -> RunFolder:
+    return RunFolder(storage, f"latents/{key}")
+
+
+def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, storage: str) -> LatentSet:
+    """Encode `bundle.train` and `bundle.val` unless latents for this key are already stored."""
+    from raydae.tasks import latent_signature
+
+    key = encoder_key(state, config)
+    folder = latent_folder(storage, key)
+    if folder.exists(MANIFEST):
+        return LatentSet(folder.uri, folder.read_json(MANIFEST), reused=True)
+    scaling = config.scaling
+    started = time.time()
+    counts = {}
+    for split, dataset in (("train", bundle.train), ("val", bundle.val)):
+        if folder.exists(split):  # an interrupted earlier attempt: write it again from scratch
+            folder.delete(split)
+        encoded = dataset.map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
+            batch_size=256,
+            concurrency=max(1, scaling.num_workers),
+            num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
+            num_cpus=1,
+        )
+        encoded.write_parquet(folder.child(split))
+        counts[split] = bundle.num_train if split == "train" else bundle.num_val
+    signature = latent_signature(config)
+    manifest = {
+        "format": FORMAT,
+        "key": key,
+        "encoder_checkpoint": checkpoint_uri,
+        **signature,
+        "counts": counts,
+        "label_names": list(bundle.label_names),
+        "seconds": time.time() - started,
+    }
+    if signature["bottleneck"] == "kl":
+        manifest["latent_std"] = measure_latent_std(folder.child("train"), seed=config.train.seed)
+    folder.write_json(MANIFEST, manifest)  # written last: its presence means the set is complete
+    return LatentSet(folder.uri, manifest, reused=False)
+
+
+def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000) -> float:
+    """Standard deviation of latents sampled from the posteriors (what the generator sees)."""
+    import ray.data
+
+    rows = ray.data.read_parquet(train_uri).select_columns(["mean", "logvar"]).limit(max_rows)
+    generator = np.random.default_rng(seed)
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in rows.iter_batches(batch_size=4096, batch_format="numpy"):
+        mean, logvar = batch["mean"].astype(np.float64), batch["logvar"].astype(np.float64)
+        z = mean + np.exp(0.5 * logvar) * generator.standard_normal(mean.shape)
+        total += z.sum()
+        total_sq += (z ** 2).sum()
+        count += z.size
+    variance = total_sq / count - (total / count) ** 2
+    return float(np.sqrt(max(variance, 1e-12)))
+
+
+def read_latents(uri: str, split: str):
+    import ray.data
+
+    return ray.data.read_parquet(f"{uri.rstrip('/')}/{split}")
