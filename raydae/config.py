@@ -131,6 +131,48 @@ class TrainConfig:
     fail_at_step: int = -1
 
 
+# ----------------------------------------------------------------------------------- generators
+@dataclass
+class DiTConfig:
+    model: str = "DiT-T/2"  # a name in raydae.models.dit.DIT_MODELS (S/B/L/XL with patch 2/4/8, tiny T/XS)
+    num_timesteps: int = 1000
+    schedule: str = "cosine"  # linear | cosine
+    prediction: str = "v"  # eps | v (STUDY.md: epsilon diverged on tiny shapes latents, v was stable)
+    sample_steps: int = 50  # DDIM steps
+    class_conditional: bool = False
+    class_dropout: float = 0.1  # label dropout, so one model serves classifier-free guidance
+    cfg_scale: float = 1.0  # 1.0: no guidance
+    ema_decay: float = 0.999  # sampling uses the EMA weights
+
+
+@dataclass
+class PriorConfig:
+    model: str = "prior-S"  # a name in raydae.models.prior.PRIOR_MODELS
+    class_conditional: bool = False
+    dropout: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """How the generator stage trains; the field names match TrainConfig's where they mean the same."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    log_every: int = 50
+    image_every: int = 500  # TensorBoard grid of samples decoded by the final decoder
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    num_grid_samples: int = 16
+
+
 # ------------------------------------------------------------------------------------ resources
 @dataclass
 class ScalingConfig:
@@ -150,6 +192,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # The generator trained on the final latents: dit pairs with a KL bottleneck, vq_prior with VQ.
+    generator: str = "none"  # dit | vq_prior | none
+    generator_train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +220,8 @@ class Config:
             return train.stage2_steps
         if stage == "joint":
             return train.joint_steps or (train.stage1_steps + train.stage2_steps)
+        if stage == "generator":
+            return self.generator_train.steps
         raise ValueError(f"unknown stage {stage!r}")
 
     def stages(self) -> list[str]:
@@ -322,7 +371,10 @@ _CHOICES = {
     "loss.reconstruction": ("l1", "l2"),
     "train.mode": ("dae", "joint"),
     "train.precision": ("fp32", "bf16"),
+    "dit.schedule": ("linear", "cosine"),
+    "dit.prediction": ("eps", "v"),
 }
+_GENERATOR_FOR_BOTTLENECK = {"dit": "kl", "vq_prior": "vq"}
 
 
 def validate(config: Config) -> None:
@@ -331,6 +383,14 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         if value not in choices:
             raise UserError(f"config {path}: {value!r} is not one of {', '.join(choices)}")
+    if config.generator not in ("none", *_GENERATOR_FOR_BOTTLENECK):
+        raise UserError(f"config generator: {config.generator!r} is not one of dit, vq_prior, none")
+    wanted = _GENERATOR_FOR_BOTTLENECK.get(config.generator)
+    if wanted and config.ae.bottleneck != wanted:
+        raise UserError(
+            f"config generator={config.generator} needs ae.bottleneck={wanted}, but ae.bottleneck="
+            f"{config.ae.bottleneck}; DiT models KL latents and the VQ prior models VQ codes"
+        )
     ae = config.ae
     levels = len(ae.channel_mults)
     if levels < 1:
@@ -358,6 +418,9 @@ def validate(config: Config) -> None:
         "train.checkpoint_every": config.train.checkpoint_every,
         "train.image_every": config.train.image_every,
         "scaling.num_workers": config.scaling.num_workers,
+        "generator_train.batch_size": config.generator_train.batch_size,
+        "generator_train.steps": config.generator_train.steps,
+        "dit.sample_steps": config.dit.sample_steps,
         "data.image_size": config.data.image_size,
     }
     for path, value in positive.items():

@@ -86,7 +86,8 @@ def train_worker(loop_config: dict) -> None:
         if step:
             print(f"[{stage}] resuming from step {step}/{steps}", flush=True)
 
-    per_worker_batch = train.batch_size // world
+    settings = task.settings  # batch size, warm-up, logging and checkpoint cadence of this stage
+    per_worker_batch = settings.batch_size // world
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if train.precision == "bf16"
@@ -106,7 +107,7 @@ def train_worker(loop_config: dict) -> None:
         shuffle = config.data.shuffle_buffer
         batches = shard.iter_torch_batches(
             batch_size=per_worker_batch, drop_last=True, device=device,
-            dtypes={"image": torch.float32, "label": torch.int64},
+            dtypes=task.batch_dtypes,
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=(train.seed * 100003 + (step + epoch) * 31 + rank) if shuffle else None,
         )
@@ -121,15 +122,15 @@ def train_worker(loop_config: dict) -> None:
             wait_time += fetched - tick
             window_wait += fetched - tick
             if sample_batch is None:
-                sample_batch = batch["image"][:16].clone()
+                sample_batch = {k: v[:16].clone() for k, v in batch.items()}
             if train.fail_at_step == step and checkpoint is None:
                 # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
             with autocast:
-                logs = task.train_step(batch, step, lr_scale=warmup_scale(step, train.warmup_steps))
+                logs = task.train_step(batch, step, lr_scale=warmup_scale(step, settings.warmup_steps))
             step += 1
             trained_steps += 1
-            window_images += batch["image"].shape[0] * world
+            window_images += per_worker_batch * world
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
             tock = time.perf_counter()
@@ -137,27 +138,27 @@ def train_worker(loop_config: dict) -> None:
             window_time += tock - tick
             tick = tock
 
-            if writer is not None and step % train.log_every == 0:
+            if writer is not None and step % settings.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                means = {k: v / train.log_every for k, v in sums.items()}
+                means = {k: v / settings.log_every for k, v in sums.items()}
                 for key, value in means.items():
                     writer.add_scalar(f"{stage}/{key}", value, step)
-                lr = task.optimizers["autoencoder"].param_groups[0]["lr"]
+                lr = next(iter(task.optimizers.values())).param_groups[0]["lr"]
                 writer.add_scalar(f"{stage}/lr", lr, step)
                 writer.add_scalar(f"{stage}/images_per_second", window_images / elapsed, step)
                 writer.add_scalar(f"{stage}/data_wait_fraction", window_wait / max(window_time, 1e-9), step)
+                extra = "".join(f"{key.split('/')[-1]} {means[key]:.4f}  " for key in task.progress_keys if key in means)
                 print(
-                    f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  "
-                    f"rec {means.get('loss/reconstruction', float('nan')):.4f}  "
+                    f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  {extra}"
                     f"{window_images / elapsed:.0f} img/s  data wait {100 * window_wait / max(window_time, 1e-9):.1f}%",
                     flush=True,
                 )
-            if step % train.log_every == 0:
+            if step % settings.log_every == 0:
                 sums, window_images, window_start = {}, 0, time.perf_counter()
                 window_wait = window_time = 0.0
-            if writer is not None and step % train.image_every == 0 and sample_batch is not None:
-                writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
-            if step % train.checkpoint_every == 0 and step < steps:
+            if writer is not None and step % settings.image_every == 0 and sample_batch is not None:
+                writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
+            if step % settings.checkpoint_every == 0 and step < steps:
                 _report(task, config, stage, step, history, {"step": step, **logs}, rank)
             if step >= steps:
                 break
@@ -171,7 +172,7 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         val = ray.train.get_dataset_shard("val")
         metrics.update(task.evaluate(val.iter_torch_batches(
-            batch_size=per_worker_batch, device=device, dtypes={"image": torch.float32, "label": torch.int64},
+            batch_size=per_worker_batch, device=device, dtypes=task.batch_dtypes,
         )))
         if trained_steps:
             metrics["train/images_per_second"] = trained_steps * per_worker_batch * world / max(step_time, 1e-9)
@@ -182,8 +183,8 @@ def train_worker(loop_config: dict) -> None:
         for key, value in metrics.items():
             if isinstance(value, float) and key.startswith("val/"):
                 writer.add_scalar(f"{stage}/{key}", value, step)
-        if sample_batch is not None and step % train.image_every:
-            writer.add_image(f"{stage}/inputs_vs_reconstructions", task.image_grid(sample_batch), step)
+        if sample_batch is not None and step % settings.image_every:
+            writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
         writer.flush()
     _report(task, config, stage, step, history, metrics, rank, final=True)
     if writer is not None:

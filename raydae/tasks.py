@@ -84,6 +84,10 @@ def describe_signature(sig: dict) -> str:
 
 
 class AutoencoderTask:
+    batch_dtypes = {"image": torch.float32, "label": torch.int64}
+    progress_keys = ("loss/reconstruction",)
+    image_tag = "inputs_vs_reconstructions"
+
     def __init__(self, config: Config, stage: str):
         if stage not in AUTOENCODER_STAGES:
             raise ValueError(f"unknown autoencoder stage {stage!r}")
@@ -105,6 +109,7 @@ class AutoencoderTask:
         if self.discriminator is not None:
             self.models["discriminator"] = self.discriminator
         self.frozen = self._frozen_names()
+        self.settings = config.train  # batch size, warm-up, cadence of logs/images/checkpoints
         self.trained_unit: nn.Module | None = None
         self.disc_unit: nn.Module | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -282,9 +287,9 @@ class AutoencoderTask:
         return metrics
 
     @torch.no_grad()
-    def image_grid(self, images: torch.Tensor, max_images: int = 16) -> torch.Tensor:
+    def image_grid(self, batch: dict, max_images: int = 16) -> torch.Tensor:
         """Inputs (top row) beside reconstructions (bottom row), CHW in [0, 1] for TensorBoard."""
-        images = images[:max_images]
+        images = batch["image"][:max_images]
         modes = [(m, m.training) for m in self.models.values()]
         for module in self.models.values():
             module.eval()
