@@ -39,6 +39,8 @@ def save_training_state(folder: str, task, config: Config, stage: str, step: int
         "models": {name: module.state_dict() for name, module in task.models.items()},
         "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
         "history": history,
+        # What a task needs beyond the config to rebuild itself (e.g. DiT's latent scale).
+        "task_options": getattr(task, "options", {}),
     }
     torch.save(state, os.path.join(folder, STATE_FILE))
     Path(folder, "config.yaml").write_text(config.to_yaml())
@@ -59,7 +61,7 @@ def train_worker(loop_config: dict) -> None:
     torch.manual_seed(train.seed * 1000 + rank)
     device = ray.train.torch.get_device()
 
-    task = make_task(config, stage)
+    task = make_task(config, stage, loop_config.get("task_options"))
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:

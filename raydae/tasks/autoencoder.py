@@ -1,12 +1,4 @@
-"""What each kind of training trains, freezes, optimises and logs. Plain PyTorch: no Ray here.
-
-The training skeleton in `loop.py` is the same for every stage; a task tells it
-- `models`: every module whose state goes into the checkpoint,
-- `trained`: the modules it wraps for data-parallel training and optimises (the rest are frozen),
-- `train_step`: one optimisation step on a batch, returning scalars to log,
-- `evaluate`: metrics on held-out images, and `image_grid`: a picture for TensorBoard.
-
-Stages of the Decoupled Autoencoder:
+"""The autoencoder stages of the Decoupled Autoencoder (and its joint-training baseline):
 - `stage1`: encoder (+ bottleneck) + *auxiliary* decoder (the weaker one) trained together;
 - `stage2`: encoder (+ bottleneck, by config) frozen from stage 1, the *final* decoder trained fresh;
 - `joint`: the baseline, encoder + final decoder trained together.
@@ -14,7 +6,6 @@ Stages of the Decoupled Autoencoder:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -31,6 +22,7 @@ from raydae.models import (
     build_encoder,
     count_parameters,
 )
+from raydae.tasks.common import make_grid, set_learning_rate
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
 
@@ -198,10 +190,7 @@ class AutoencoderTask:
         images = batch["image"]
         train = self.config.train
         disc_cfg = self.config.loss.discriminator
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * lr_scale
+        set_learning_rate(self.optimizers, lr_scale)
 
         recon, out = self.reconstruct(images, sample=True)
         rec_loss = reconstruction_loss(images, recon, self.config.loss.reconstruction)
@@ -299,28 +288,3 @@ class AutoencoderTask:
             for module, mode in modes:
                 module.train(mode)
         return make_grid(torch.cat([images, recon]).float(), nrow=images.shape[0])
-
-
-def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
-    """Tile (N,3,H,W) images in [-1, 1] into one CHW image in [0, 1] (torchvision-free)."""
-    images = ((images.detach().cpu() + 1) / 2).clamp(0, 1)
-    n, c, h, w = images.shape
-    ncol = nrow
-    rows = math.ceil(n / ncol)
-    grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
-    return grid
-
-
-def warmup_scale(step: int, warmup_steps: int) -> float:
-    """Linear learning-rate warm-up, then constant."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def make_task(config: Config, stage: str) -> AutoencoderTask:
-    # Later kinds of training (generators) register here; the loop only sees this function.
-    return AutoencoderTask(config, stage)

@@ -1,0 +1,36 @@
+"""What each kind of training trains, freezes, optimises and logs. Plain PyTorch: no Ray here.
+
+The training skeleton in `loop.py` is the same for every stage; a task gives it
+- `models`: every module whose state goes into the checkpoint, and `frozen`: those it does not train;
+- `settings`: batch size, warm-up and the cadence of logs, image grids and checkpoints;
+- `batch_dtypes`: the dataset columns it reads; `prepare(device, wrap)`: DDP-wrap what it trains;
+- `train_step`, `evaluate`, `image_grid`, `parameter_counts`.
+"""
+
+from raydae.config import Config
+from raydae.tasks.autoencoder import (
+    AUTOENCODER_STAGES,
+    Autoencoder,
+    AutoencoderTask,
+    describe_signature,
+    latent_signature,
+    run_bottleneck,
+)
+from raydae.tasks.common import make_grid, set_learning_rate, warmup_scale
+
+
+def make_task(config: Config, stage: str, options: dict | None = None):
+    """The task for `stage`; the loop only ever calls this."""
+    if stage in AUTOENCODER_STAGES:
+        return AutoencoderTask(config, stage)
+    if stage == "generator":
+        from raydae.tasks.generators import make_generator_task
+
+        return make_generator_task(config, options or {})
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+__all__ = [
+    "AUTOENCODER_STAGES", "Autoencoder", "AutoencoderTask", "describe_signature", "latent_signature",
+    "make_grid", "make_task", "run_bottleneck", "set_learning_rate", "warmup_scale",
+]

@@ -1,0 +1,35 @@
+"""Small pieces every task uses: learning-rate warm-up and image grids for TensorBoard and PNGs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """Linear learning-rate warm-up, then constant."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def set_learning_rate(optimizers: dict, lr_scale: float) -> None:
+    """Scale every optimizer's base learning rate (remembered on first use) by `lr_scale`."""
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * lr_scale
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
+    """Tile (N,3,H,W) images in [-1, 1] into one CHW image in [0, 1] (torchvision-free)."""
+    images = ((images.detach().cpu().float() + 1) / 2).clamp(0, 1)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top: top + h, left: left + w] = images[i]
+    return grid
