@@ -65,3 +65,15 @@ def build_discriminator(disc_cfg: DiscriminatorConfig, in_channels: int = 3) -> 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# The VQGAN's autoregressive prior over code indices (stage 2 of the VQ pipeline).
+from raydae.models.prior import PRIOR_MODELS, CodePrior, build_prior, filter_logits  # noqa: E402
+
+__all__ += ["PRIOR_MODELS", "CodePrior", "build_prior", "filter_logits"]
+
+
+# Diffusion Transformer over latents (the diffusion maths lives apart, in raydae/diffusion.py).
+from raydae.models.dit import DIT_MODELS, DiT, build_dit  # noqa: E402
+
+__all__ += ["DIT_MODELS", "DiT", "build_dit"]

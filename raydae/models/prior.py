@@ -126,7 +126,7 @@ class CodePrior(nn.Module):
         self.config = dict(
             vocab_size=vocab_size, seq_len=seq_len, depth=depth, width=width, heads=heads,
             mlp_ratio=mlp_ratio, dropout=dropout, num_classes=num_classes,
-        )  # fmt: skip
+        )
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.num_classes = num_classes
@@ -158,7 +158,7 @@ class CodePrior(nn.Module):
             nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ inputs
-    def _check_labels(self, y: Tensor | int | None, batch: int, device: torch.device) -> Tensor | None:
+    def _labels(self, y: Tensor | int | None, batch: int, device: torch.device) -> Tensor | None:
         """Labels as a (B,) long tensor; None means the null class for a conditional prior."""
         if self.num_classes == 0:
             if y is not None:
@@ -201,7 +201,7 @@ class CodePrior(nn.Module):
     def forward(self, indices: Tensor, y: Tensor | int | None = None) -> Tensor:
         """Code indices (B, L) -> logits (B, L, vocab_size); logits[:, i] predict indices[:, i]."""
         self._check_indices(indices)
-        labels = self._check_labels(y, indices.shape[0], indices.device)
+        labels = self._labels(y, indices.shape[0], indices.device)
         return self._logits(self._embed_prefix(indices[:, :-1], labels))
 
     def loss(self, indices: Tensor, y: Tensor | int | None = None) -> Tensor:
@@ -227,7 +227,7 @@ class CodePrior(nn.Module):
         """The logits of `forward`, computed one position at a time through the key/value cache."""
         self._check_indices(indices)
         batch = indices.shape[0]
-        labels = self._check_labels(y, batch, indices.device)
+        labels = self._labels(y, batch, indices.device)
         cache = self.new_cache()
         steps = []
         for position in range(indices.shape[1]):
@@ -255,7 +255,7 @@ class CodePrior(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         device = torch.device(device) if device is not None else self.pos_embed.device
-        labels = self._check_labels(y, n, device)
+        labels = self._labels(y, n, device)
         out = torch.zeros(n, self.seq_len, dtype=torch.long, device=device)
         cache = self.new_cache() if use_cache else None
         for position in range(self.seq_len):
