@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a run end to end (DAE stage 1 -> stage 2, or joint)")
     add_run_arguments(run)
 
+    sample = sub.add_parser("sample", help="draw samples from a finished run's generator into a PNG grid")
+    sample.add_argument("run_dir", help="run folder (e.g. runs/dae-kl4-s0)")
+    sample.add_argument("--n", type=int, default=64, help="number of samples")
+    sample.add_argument("--out", default="samples.png", help="PNG grid to write")
+    sample.add_argument("--out-dir", default=None, help="also write each sample as its own PNG here")
+    sample.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    sample.add_argument("--steps", type=int, default=None, help="DiT: DDIM steps (default: dit.sample_steps)")
+    sample.add_argument("--cfg", type=float, default=None, help="DiT: guidance scale (default: dit.cfg_scale)")
+
     sub.add_parser("presets", help="list the built-in presets")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     add_config_arguments(show)
@@ -89,6 +98,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command == "sample":
+        from raydae.sampling import sample_run
+
+        if args.n <= 0:
+            raise UserError(f"--n {args.n}: give a positive number of samples")
+        sample_run(args.run_dir, args.n, args.out, args.out_dir, args.seed, args.steps, args.cfg)
+        print(f"wrote {args.n} samples to {args.out}" + (f" and {args.out_dir}/" if args.out_dir else ""))
+        return 0
     raise AssertionError(args.command)
 
 

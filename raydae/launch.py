@@ -78,12 +78,14 @@ def check_resources(config: Config, local: bool) -> None:
     )
 
 
-def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None) -> dict:
+def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
+              task_options: dict | None = None) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
 
     Returns the stage's metrics (read back from the final checkpoint) and that checkpoint's path.
     """
     scaling = config.scaling
+    settings = config.generator_train if stage == "generator" else config.train
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
@@ -96,6 +98,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             "steps": config.stage_steps(stage),
             "init_from": init_from,
             "tensorboard_dir": tensorboard_dir,
+            "task_options": task_options or {},
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -104,7 +107,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             name=stage,
             storage_path=run.uri,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.train.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, settings.keep_checkpoints)),
         ),
         datasets=datasets,
         # Every worker sees the whole validation split; only rank 0 evaluates it.

@@ -115,6 +115,10 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
             stage_results[stage] = run.read_json(marker)
             print(f"[{stage}] already finished; skipping", flush=True)
             continue
+        if stage == "stage1" and stage1_state:
+            stage_results[stage] = {"checkpoint": stage1_state, "metrics": _read_checkpoint_metrics(stage1_state)}
+            print(f"[stage1] taken from {stage1_state}", flush=True)
+            continue
         init_from = None
         if stage == "stage2":
             init_from = stage1_state or stage_results["stage1"]["checkpoint"]
@@ -125,11 +129,78 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
         run.write_json(marker, result)
         stage_results[stage] = result
 
+    if config.generator != "none":
+        autoencoder = stage_results[config.stages()[-1]]["checkpoint"]
+        stage_results["generator"] = _run_generator(config, run, bundle, autoencoder, options)
+
     metrics = summarise(config, stage_results, bundle, wall_seconds=time.time() - started)
     metrics["run"] = run.uri
     run.write_json("metrics.json", metrics)
     run.write_text(DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return metrics
+
+
+def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str, options: RunOptions) -> dict:
+    """Latents (once per encoder and data) -> the generator stage -> a grid of samples in the run folder."""
+    from raydae import launch
+    from raydae.latents import encode_dataset, read_latents
+    from raydae.loop import load_state
+
+    if run.exists("latents.done.json"):
+        latents = run.read_json("latents.done.json")
+    else:
+        import ray.train
+
+        with ray.train.Checkpoint(autoencoder_checkpoint).as_directory() as folder:
+            state = load_state(folder)
+        t0 = time.time()
+        latent_set = encode_dataset(config, autoencoder_checkpoint, state, bundle, run.storage)
+        verb = "reused" if latent_set.reused else f"wrote in {time.time() - t0:.0f}s"
+        print(f"[latents] {verb}: {latent_set.uri}", flush=True)
+        latents = {"uri": latent_set.uri, "manifest": latent_set.manifest, "reused": latent_set.reused}
+        run.write_json("latents.done.json", latents)
+
+    if run.exists("generator.done.json"):
+        result = run.read_json("generator.done.json")
+        print("[generator] already finished; skipping", flush=True)
+    else:
+        manifest = latents["manifest"]
+        task_options = {"latent_shape": manifest["latent_shape"], "num_classes": len(manifest["label_names"])}
+        if "latent_std" in manifest:
+            task_options["latent_std"] = manifest["latent_std"]
+        train = read_latents(latents["uri"], "train")
+        if config.data.shuffle_buffer > 0:
+            train = train.randomize_block_order(seed=config.data.seed)
+        datasets = {"train": train, "val": read_latents(latents["uri"], "val")}
+        t0 = time.time()
+        result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
+                                  task_options=task_options)
+        result["wall_seconds"] = time.time() - t0
+        run.write_json("generator.done.json", result)
+
+    if not run.exists("samples.png"):
+        from raydae.sampling import load_generator, save_grid
+
+        task = load_generator(result["checkpoint"])
+        images = task.sample(64, seed=0)
+        local = save_grid(images, None)
+        run.write_bytes("samples.png", local)
+        print(f"[samples] {run.child('samples.png')}", flush=True)
+    result["latents"] = latents
+    return result
+
+
+def _read_checkpoint_metrics(uri: str) -> dict:
+    import json
+
+    import ray.train
+
+    with ray.train.Checkpoint(uri).as_directory() as folder:
+        try:
+            with open(f"{folder}/metrics.json") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
 
 
 def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) -> dict:

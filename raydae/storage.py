@@ -37,15 +37,18 @@ class RunFolder:
 
     def write_text(self, rel: str, text: str) -> None:
         """Write atomically where the filesystem allows (local: temp file + rename; S3 puts are atomic)."""
+        self.write_bytes(rel, text.encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
         target = self._p(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.is_local:
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            Path(tmp).write_text(text)
+            Path(tmp).write_bytes(data)
             os.replace(tmp, target)
         else:
             with self.fs.open_output_stream(target) as f:
-                f.write(text.encode())
+                f.write(data)
 
     def read_json(self, rel: str) -> dict:
         return json.loads(self.read_text(rel))

@@ -224,8 +224,10 @@ class PriorTask(GeneratorTask):
         return {"val/cross_entropy": nats, "val/code_perplexity": float(torch.tensor(nats).exp())}
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        """n images in [-1, 1]: codes sampled with the key/value cache, decoded by the final decoder."""
+    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None, steps: int | None = None,
+               cfg_scale: float | None = None) -> torch.Tensor:
+        """n images in [-1, 1]: codes sampled with the key/value cache, decoded by the final decoder.
+        (`steps` and `cfg_scale` are DiT's knobs; the prior has none and ignores them.)"""
         device = next(self.prior.parameters()).device
         was_training = self.prior.training
         self.prior.eval()

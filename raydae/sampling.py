@@ -1,0 +1,96 @@
+"""Draw samples from a finished run's generator and write them as PNGs (no Ray needed).
+
+The generator checkpoint holds everything: its config, the generator (EMA weights for DiT), the frozen
+final decoder (and VQ codebook) and the task options (latent shape, classes, latent scale).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from raydae.config import Config
+from raydae.errors import UserError
+from raydae.storage import RunFolder
+
+
+def load_generator(checkpoint_uri: str, device: str | None = None):
+    import ray.train
+
+    from raydae.loop import load_state
+    from raydae.tasks import make_task
+
+    with ray.train.Checkpoint(checkpoint_uri).as_directory() as folder:
+        state = load_state(folder)
+    if state.get("stage") != "generator":
+        raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a generator's")
+    config = Config.from_dict(state["config"])
+    task = make_task(config, "generator", state["task_options"])
+    for name, module in task.models.items():
+        module.load_state_dict(state["models"][name])
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for module in task.models.values():
+        module.to(target).eval().requires_grad_(False)
+    return task
+
+
+def generator_checkpoint(run_dir: str) -> str:
+    path = run_dir.rstrip("/")
+    storage, name = (path.rsplit("/", 1) + [""])[:2] if "/" in path else (".", path)
+    run = RunFolder(storage, name)
+    if not run.exists():
+        raise UserError(f"{run_dir}: no such run folder")
+    if not run.exists("generator.done.json"):
+        raise UserError(f"{run_dir}: has no finished generator (config generator: none, or the run is unfinished)")
+    return run.read_json("generator.done.json")["checkpoint"]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N,3,H,W) in [-1, 1] -> (N,H,W,3) uint8."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | None, nrow: int | None = None, pad: int = 2) -> bytes:
+    """Tile images into one PNG (white gaps); writes it to `path` when given, returns the bytes."""
+    tiles = to_uint8(images)
+    n, h, w, _ = tiles.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    if path:
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_individual(images: torch.Tensor, out_dir: str) -> int:
+    os.makedirs(out_dir, exist_ok=True)
+    for i, tile in enumerate(to_uint8(images)):
+        Image.fromarray(tile).save(os.path.join(out_dir, f"{i:06d}.png"))
+    return len(images)
+
+
+def sample_run(run_dir: str, n: int, out: str | None, out_dir: str | None, seed: int,
+               steps: int | None, cfg: float | None, batch_size: int = 256) -> torch.Tensor:
+    task = load_generator(generator_checkpoint(run_dir))
+    chunks = []
+    for start in range(0, n, batch_size):
+        # Each chunk has its own seed, derived from the user's, so the same seed gives the same images.
+        chunks.append(task.sample(min(batch_size, n - start), seed=seed + start, steps=steps, cfg_scale=cfg))
+    images = torch.cat(chunks)
+    if out:
+        save_grid(images, out)
+    if out_dir:
+        save_individual(images, out_dir)
+    return images
