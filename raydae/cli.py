@@ -118,9 +118,12 @@ def _run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
     metrics = run_pipeline(config, options)
     run_uri = metrics.get("run", "")
-    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "parameters", "wall_seconds") if k in metrics},
+    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "generator", "parameters", "wall_seconds")
+                             if k in metrics},
                             indent=2, default=str))
     print(f"\nresults: {run_uri}/metrics.json")
+    if "generator" in metrics:
+        print(f"samples: {run_uri}/samples.png  (more: raydae sample {run_uri} --n 64 --out grid.png)")
     print(f"tensorboard: tensorboard --logdir {run_uri}")
     return 0
 

@@ -227,6 +227,28 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
         for key in ("val/codebook_usage", "val/perplexity"):
             if key in m:
                 out["stages"][stage][key.split("/")[1]] = m[key]
+    generator = stage_results.get("generator")
+    if generator:
+        m = generator["metrics"]
+        counts = m.get("parameters", {})
+        trained = "dit" if config.generator == "dit" else "prior"
+        params["generator"] = counts.get(trained, 0)
+        out["generator"] = {
+            "kind": config.generator,
+            "model": config.dit.model if config.generator == "dit" else config.prior.model,
+            "steps": m.get("step"),
+            **{key.split("/", 1)[1]: value for key, value in m.items()
+               if key.startswith("val/") and key != "val/latents"},
+            "latents_per_second": m.get("train/images_per_second"),
+            "data_wait_fraction": m.get("train/data_wait_fraction"),
+            "wall_seconds": generator.get("wall_seconds"),
+            "checkpoint": generator["checkpoint"],
+            "latents": generator["latents"]["uri"],
+            "latents_reused": generator["latents"].get("reused", False),
+            "samples": "samples.png",
+        }
+        if "latent_std" in generator["latents"]["manifest"]:
+            out["generator"]["latent_std"] = generator["latents"]["manifest"]["latent_std"]
     out["parameters"] = params
     out["data"] = {"train_images": bundle.num_train, "val_images": bundle.num_val,
                    "skipped_files": len(bundle.skipped_files)}
