@@ -47,7 +47,9 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     if config is not None:
         needed = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
         num_cpus = max(num_cpus, needed)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
+    # logs "State API may be temporarily unavailable" every few seconds (RAY.md).
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
     return True
 
 
