@@ -110,6 +110,8 @@ def train_worker(loop_config: dict) -> None:
         batches = shard.iter_torch_batches(
             batch_size=per_worker_batch, drop_last=True, device=device,
             dtypes=task.batch_dtypes,
+            # A few batches in flight hide the pipeline's restart at each epoch boundary.
+            prefetch_batches=4,
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=(train.seed * 100003 + (step + epoch) * 31 + rank) if shuffle else None,
         )

@@ -208,6 +208,8 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
     out: dict = {"mode": config.train.mode, "latent": latent_signature(config), "stages": {}}
     params: dict[str, int] = {}
     for stage, result in stage_results.items():
+        if stage == "generator":
+            continue  # summarised below, under its own key
         m = result["metrics"]
         counts = m.get("parameters", {})
         decoder_role = "aux_decoder" if stage == "stage1" else "decoder"
