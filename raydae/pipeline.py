@@ -169,6 +169,8 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         if "latent_std" in manifest:
             task_options["latent_std"] = manifest["latent_std"]
         train = read_latents(latents["uri"], "train")
+        if latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb:
+            train = train.materialize()
         if config.data.shuffle_buffer > 0:
             train = train.randomize_block_order(seed=config.data.seed)
         datasets = {"train": train, "val": read_latents(latents["uri"], "val")}
@@ -188,6 +190,13 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         print(f"[samples] {run.child('samples.png')}", flush=True)
     result["latents"] = latents
     return result
+
+
+def latent_set_gigabytes(manifest: dict) -> float:
+    """Size of the training latents in memory: KL keeps mean and log-variance (float32), VQ int64 codes."""
+    channels, height, width = manifest["latent_shape"]
+    per_row = (2 * 4 * channels if manifest["bottleneck"] == "kl" else 8) * height * width
+    return manifest["counts"]["train"] * per_row / 1e9
 
 
 def _read_checkpoint_metrics(uri: str) -> dict:

@@ -68,3 +68,12 @@ def test_key_changes_with_the_encoder_and_the_data():
     with torch.no_grad():
         next(task.encoder.parameters()).add_(1e-3)
     assert encoder_key({"models": {n: m.state_dict() for n, m in task.models.items()}}, config) != base
+
+
+def test_latent_set_size_decides_caching():
+    from raydae.pipeline import latent_set_gigabytes
+
+    kl = {"latent_shape": [4, 8, 8], "bottleneck": "kl", "counts": {"train": 1000}}
+    vq = {"latent_shape": [16, 8, 8], "bottleneck": "vq", "counts": {"train": 1000}}
+    assert latent_set_gigabytes(kl) == pytest.approx(1000 * 2 * 4 * 4 * 64 / 1e9)  # mean + logvar, float32
+    assert latent_set_gigabytes(vq) == pytest.approx(1000 * 8 * 64 / 1e9)  # one int64 code per position
