@@ -63,6 +63,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray reads its logging settings when it is imported, so they are set here, before any import of it.
+    import os
+
+    from raydae.ray_env import QUIET_RAY_ENV
+
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,15 +17,9 @@ from ray.train.torch import TorchTrainer
 from raydae.config import Config
 from raydae.errors import UserError
 from raydae.loop import train_worker
+from raydae.ray_env import QUIET_RAY_ENV
 from raydae.storage import RunFolder
 
-# Quieter logs (see RAY.md): one print per worker, no per-fit preemption-watcher warning, no token warning.
-QUIET_RAY_ENV = {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data's per-dataset "execution plan/finished" lines
-}
 
 
 def connect(address: str | None = None, config: Config | None = None) -> bool:
