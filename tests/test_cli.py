@@ -38,6 +38,15 @@ def test_every_entry_point_reports_an_unknown_key(entry, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_py_works_as_a_lone_file(tmp_path):
+    """`ray submit` copies only raydae/run.py to the head node: it must import the installed package."""
+    lone = tmp_path / "run.py"
+    lone.write_text((ROOT / "raydae" / "run.py").read_text())
+    proc = subprocess.run([sys.executable, str(lone), "--set", "ae.latent_chanels=3"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    _assert_one_line_error(proc, "ae.latent_channels")
+
+
 def test_wrong_value_type(tmp_path):
     proc = _run(["--preset", "tiny", "--set", "train.batch_size=big"], tmp_path)
     _assert_one_line_error(proc, "train.batch_size", "expected an integer")
