@@ -1,0 +1,123 @@
+"""Evaluation numerics on hand-made features and tiny networks: distances, random features, complexity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from raydae.eval import (
+    RandomFeatureNet,
+    conv_spectral_norm,
+    empirical_lipschitz,
+    feature_statistics,
+    flops_per_image,
+    frechet_distance,
+    frechet_from_statistics,
+    kernel_distance,
+    lipschitz_upper_bound,
+    precision_recall,
+)
+
+
+def _gaussian(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim))
+
+
+def test_frechet_is_zero_on_identical_sets_and_mean_shift_squared_on_a_pure_shift():
+    feats = _gaussian(500, 16, 0)
+    scale = np.trace(np.cov(feats, rowvar=False))
+    assert abs(frechet_distance(feats, feats)) < 1e-6 * scale
+    shift = np.linspace(-1.0, 1.0, 16)
+    shifted = frechet_distance(feats, feats + shift)
+    assert shifted == pytest.approx(float(shift @ shift), rel=1e-6)
+    assert shifted > 1.0
+    mu, sigma = feature_statistics(torch.from_numpy(feats).float())
+    assert mu.dtype == np.float64 and sigma.shape == (16, 16)
+
+
+def test_frechet_closed_form_for_diagonal_gaussians():
+    # Diagonal covariances: FD = ||Δμ||² + Σ (√a − √b)².
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 2.0])
+    expected = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_from_statistics(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_large_for_a_shift():
+    real, other = _gaussian(400, 8, 1), _gaussian(400, 8, 2)
+    same_mean, same_std = kernel_distance(real, other, subsets=5, subset_size=200)
+    shifted_mean, _ = kernel_distance(real, other + 1.0, subsets=5, subset_size=200)
+    assert shifted_mean > 0.1
+    assert abs(same_mean) < 0.05 * shifted_mean
+    assert same_std >= 0.0
+    # Subset size is clipped to the smaller set; the answer depends only on the seed.
+    assert kernel_distance(real[:50], other, subset_size=1000, seed=3) == kernel_distance(real[:50], other, seed=3)
+
+
+def test_precision_recall_identical_sets_and_partial_mode_coverage():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0], [20.0, 20.0]])
+    real = np.concatenate([c + rng.normal(size=(100, 2)) for c in centres])
+    precision, recall = precision_recall(real, real, k=3)
+    assert precision == pytest.approx(1.0) and recall == pytest.approx(1.0)
+    fake = centres[0] + rng.normal(size=(400, 2))  # only one of the four modes
+    precision, recall = precision_recall(real, fake, k=3, chunk_size=64)
+    assert precision > 0.8
+    assert recall < 0.4
+
+
+def test_random_feature_net_is_seeded_and_checks_range():
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    torch.manual_seed(123)
+    first = RandomFeatureNet(seed=0, feature_dim=64).features(images, batch_size=2)
+    torch.manual_seed(456)
+    again = RandomFeatureNet(seed=0, feature_dim=64).features(images, batch_size=5)
+    other = RandomFeatureNet(seed=1, feature_dim=64).features(images)
+    assert first.shape == (5, 64)
+    assert torch.allclose(first, again, atol=1e-6)
+    assert not torch.allclose(first, other)
+    assert "NOT FID" in RandomFeatureNet.__doc__ and "fd_randfeat" in RandomFeatureNet.__doc__
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        RandomFeatureNet(feature_dim=64).features(images * 3)
+
+
+def test_flops_of_a_conv_match_the_hand_count():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    flops = flops_per_image(conv, torch.zeros(4, 3, 16, 16))
+    assert flops == 2 * 3 * 8 * 3 * 3 * 16 * 16
+
+
+def test_lipschitz_bound_is_exact_for_one_linear_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    largest_singular_value = torch.linalg.svdvals(layer.weight.detach().double())[0].item()
+    assert lipschitz_upper_bound(layer) == pytest.approx(largest_singular_value, rel=1e-9)
+
+
+def test_lipschitz_bound_dominates_the_empirical_estimate_for_an_mlp():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    bound = lipschitz_upper_bound(mlp)
+    estimate = empirical_lipschitz(mlp, torch.randn(16, 8), eps=1e-3, trials=8)
+    assert 0.0 < estimate <= bound
+    w1, w2 = (torch.linalg.matrix_norm(m.weight.double(), ord=2).item() for m in (mlp[0], mlp[2]))
+    assert bound == pytest.approx(w1 * w2, rel=1e-9)
+
+
+def test_conv_spectral_norm_matches_the_dense_operator_and_groupnorm_gives_none():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    shape = (2, 6, 6)
+    # Dense matrix of the (bias-free) conv on 2×6×6 inputs, column by column.
+    basis = torch.eye(2 * 6 * 6, dtype=torch.float64).view(-1, *shape)
+    dense = nn.functional.conv2d(basis, conv.weight.double(), None, 2, 1).flatten(1).T
+    exact = torch.linalg.matrix_norm(dense, ord=2).item()
+    assert conv_spectral_norm(conv, shape) == pytest.approx(exact, rel=1e-4)
+    net = nn.Sequential(conv, nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(27, 1))
+    assert lipschitz_upper_bound(net, input_shape=shape) >= empirical_lipschitz(net, torch.randn(4, *shape))
+    with pytest.raises(ValueError, match="input_shape"):
+        lipschitz_upper_bound(net)
+    with pytest.warns(UserWarning, match="GroupNorm"):
+        assert lipschitz_upper_bound(nn.Sequential(conv, nn.GroupNorm(1, 3)), input_shape=shape) is None
