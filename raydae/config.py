@@ -422,6 +422,9 @@ def validate(config: Config) -> None:
         "train.image_every": config.train.image_every,
         "scaling.num_workers": config.scaling.num_workers,
         "generator_train.batch_size": config.generator_train.batch_size,
+        "generator_train.log_every": config.generator_train.log_every,
+        "generator_train.image_every": config.generator_train.image_every,
+        "generator_train.checkpoint_every": config.generator_train.checkpoint_every,
         "generator_train.steps": config.generator_train.steps,
         "dit.sample_steps": config.dit.sample_steps,
         "data.image_size": config.data.image_size,
@@ -429,6 +432,19 @@ def validate(config: Config) -> None:
     for path, value in positive.items():
         if value <= 0:
             raise UserError(f"config {path}: must be positive, got {value}")
+    if config.generator != "none" and config.generator_train.batch_size % config.scaling.num_workers:
+        raise UserError(
+            f"config generator_train.batch_size={config.generator_train.batch_size} is not divisible by "
+            f"scaling.num_workers={config.scaling.num_workers}"
+        )
+    if ae.bottleneck == "vq" and config.train.mode == "dae" and not config.train.freeze_quantizer:
+        raise UserError("config train.freeze_quantizer=false: stage 2 with a trainable VQ codebook is not "
+                        "supported; set it to true (the codebook stays with the frozen encoder)")
+    if config.train.mode == "dae" and config.train.warm_start_decoder and (
+        ae.aux_decoder.width != ae.decoder.width or ae.aux_decoder.num_res_blocks != ae.decoder.num_res_blocks
+    ):
+        raise UserError("config train.warm_start_decoder=true needs ae.aux_decoder width and num_res_blocks equal "
+                        "to ae.decoder's (only dropout may differ); set it to false or match them")
     if config.train.batch_size % config.scaling.num_workers:
         raise UserError(
             f"config train.batch_size={config.train.batch_size} is not divisible by "

@@ -54,7 +54,7 @@ def check_resources(config: Config, local: bool) -> None:
         return
     need = scaling.num_workers * scaling.gpus_per_worker
     have = ray.cluster_resources().get("GPU", 0)
-    if have >= min(need, scaling.gpus_per_worker):
+    if have >= need:
         return
     if local:
         raise UserError(
@@ -66,11 +66,12 @@ def check_resources(config: Config, local: bool) -> None:
     deadline = time.time() + scaling.gpu_wait_s
     while time.time() < deadline:
         time.sleep(5)
-        if ray.cluster_resources().get("GPU", 0) >= scaling.gpus_per_worker:
+        if ray.cluster_resources().get("GPU", 0) >= need:
             return
     raise UserError(
-        f"scaling.use_gpu=true but the cluster still has no GPU after {scaling.gpu_wait_s:.0f}s; "
-        "add GPU worker nodes or set scaling.use_gpu=false"
+        f"scaling.use_gpu=true asks for {need:g} GPUs but the cluster has "
+        f"{ray.cluster_resources().get('GPU', 0):g} after {scaling.gpu_wait_s:.0f}s; "
+        "add GPU worker nodes, lower scaling.num_workers, or set scaling.use_gpu=false"
     )
 
 

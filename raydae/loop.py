@@ -77,6 +77,8 @@ def train_worker(loop_config: dict) -> None:
         for name, opt in task.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
     step = state["step"] if state else 0
+    # Reseed by step, so a resumed attempt does not replay the random stream (noise, dropout) from step 0.
+    torch.manual_seed((train.seed * 1_000_003 + step) * 1009 + rank)
     # `history` records where each attempt started, so a resumed run can show it did not start over.
     history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world}]
 
@@ -98,7 +100,7 @@ def train_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     wait_time = step_time = 0.0  # whole attempt
     window_wait = window_time = 0.0  # since the last progress line
-    window_images, window_start = 0, time.perf_counter()
+    window_images, window_start, window_steps = 0, time.perf_counter(), 0
     sums: dict[str, float] = {}
     sample_batch = None
     started = time.perf_counter()
@@ -135,6 +137,7 @@ def train_worker(loop_config: dict) -> None:
             step += 1
             trained_steps += 1
             window_images += per_worker_batch * world
+            window_steps += 1  # after a resume the first window can be shorter than log_every
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
             tock = time.perf_counter()
@@ -144,7 +147,7 @@ def train_worker(loop_config: dict) -> None:
 
             if writer is not None and step % settings.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                means = {k: v / settings.log_every for k, v in sums.items()}
+                means = {k: v / window_steps for k, v in sums.items()}
                 for key, value in means.items():
                     writer.add_scalar(f"{stage}/{key}", value, step)
                 lr = next(iter(task.optimizers.values())).param_groups[0]["lr"]
@@ -158,7 +161,7 @@ def train_worker(loop_config: dict) -> None:
                     flush=True,
                 )
             if step % settings.log_every == 0:
-                sums, window_images, window_start = {}, 0, time.perf_counter()
+                sums, window_images, window_start, window_steps = {}, 0, time.perf_counter(), 0
                 window_wait = window_time = 0.0
             if writer is not None and step % settings.image_every == 0 and sample_batch is not None:
                 writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)

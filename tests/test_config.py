@@ -87,3 +87,14 @@ def test_joint_steps_default_to_equal_total_steps():
     assert config.stage_steps("joint") == config.train.stage1_steps + config.train.stage2_steps
     config = load_config("tiny", overrides=["train.mode=joint", "train.joint_steps=6"])
     assert config.stage_steps("joint") == 6
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["ae.bottleneck=vq", "train.freeze_quantizer=false"], "train.freeze_quantizer=false"),
+    (["train.warm_start_decoder=true"], "warm_start_decoder"),
+    (["generator=dit", "generator_train.checkpoint_every=0"], "generator_train.checkpoint_every"),
+    (["generator=dit", "scaling.num_workers=3", "train.batch_size=15"], "generator_train.batch_size=128"),
+])
+def test_settings_that_would_fail_late_are_refused_at_load(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        load_config("tiny", overrides=overrides)

@@ -90,10 +90,12 @@ def test_discriminator_joins_after_its_start_step():
 def test_warm_start_needs_matching_decoder_shapes():
     from raydae.errors import UserError
 
-    config = load_config("tiny", overrides=["train.warm_start_decoder=true"])
-    state = _stage1_state(config)
+    with pytest.raises(UserError, match="warm_start_decoder"):  # caught when the config loads
+        load_config("tiny", overrides=["train.warm_start_decoder=true"])
+    mismatched = load_config("tiny")  # the task checks too, for a stage-1 state from elsewhere
+    mismatched.train.warm_start_decoder = True
     with pytest.raises(UserError, match="warm_start_decoder"):
-        AutoencoderTask(config, "stage2").load_previous_stage(state)
+        AutoencoderTask(mismatched, "stage2").load_previous_stage(_stage1_state(load_config("tiny")))
     same = load_config("tiny", overrides=["train.warm_start_decoder=true", "ae.aux_decoder.width=1.0",
                                           "ae.aux_decoder.dropout=0.2"])
     state = _stage1_state(same)
