@@ -3,7 +3,8 @@
 Generators train from these shards (`get_dataset_shard(...).iter_torch_batches(...)`) instead of
 re-encoding images every epoch. The key hashes the encoder's and bottleneck's weights together with
 the data settings that decide which images were encoded, so a later run with the same encoder on the
-same data finds and reuses them under `<storage>/latents/<key>/`.
+same data finds and reuses them under `<storage>/latents/<key>/` (manifest.json there names the shards'
+folder; for an image folder the key also covers the files' paths, sizes and modification times).
 
 Columns:
     KL bottleneck: `mean`, `logvar` (float32, flattened C*h*w) and `label`
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +41,24 @@ def encoder_key(state: dict, config: Config) -> str:
     data = config.data
     digest.update(json.dumps([data.source, data.image_size, data.train_size, data.val_size,
                               data.val_fraction, data.seed, data.max_shapes]).encode())
+    digest.update(_source_fingerprint(data.source).encode())
     return digest.hexdigest()[:16]
+
+
+def _source_fingerprint(source: str) -> str:
+    """What is in a folder source now (paths, sizes, modification times), so changed data gets new latents."""
+    import os
+
+    root = os.path.abspath(os.path.expanduser(source))
+    if source.startswith("builtin:") or not os.path.isdir(root):
+        return ""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 class EncodeBatch:
@@ -80,7 +99,7 @@ class EncodeBatch:
 
 @dataclass
 class LatentSet:
-    uri: str  # folder holding train/, val/ and manifest.json
+    uri: str  # folder holding the train/ and val/ shards (the manifest sits one level up)
     manifest: dict
     reused: bool
 
@@ -96,13 +115,15 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
     key = encoder_key(state, config)
     folder = latent_folder(storage, key)
     if folder.exists(MANIFEST):
-        return LatentSet(folder.uri, folder.read_json(MANIFEST), reused=True)
+        manifest = folder.read_json(MANIFEST)
+        return LatentSet(manifest["shards"], manifest, reused=True)
     scaling = config.scaling
     started = time.time()
     counts = {}
+    # Each attempt writes into its own sub-folder and the manifest, written last, names it: two runs
+    # encoding the same key at once cannot mix or delete each other's shards.
+    attempt = uuid.uuid4().hex[:12]
     for split, dataset in (("train", bundle.train), ("val", bundle.val)):
-        if folder.exists(split):  # an interrupted earlier attempt: write it again from scratch
-            folder.delete(split)
         encoded = dataset.map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
@@ -111,12 +132,13 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
             num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
             num_cpus=1,
         )
-        encoded.write_parquet(folder.child(split))
+        encoded.write_parquet(folder.child(attempt, split))
         counts[split] = bundle.num_train if split == "train" else bundle.num_val
     signature = latent_signature(config)
     manifest = {
         "format": FORMAT,
         "key": key,
+        "shards": folder.child(attempt),
         "encoder_checkpoint": checkpoint_uri,
         **signature,
         "counts": counts,
@@ -124,9 +146,9 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
         "seconds": time.time() - started,
     }
     if signature["bottleneck"] == "kl":
-        manifest["latent_std"] = measure_latent_std(folder.child("train"), seed=config.train.seed)
+        manifest["latent_std"] = measure_latent_std(folder.child(attempt, "train"), seed=config.train.seed)
     folder.write_json(MANIFEST, manifest)  # written last: its presence means the set is complete
-    return LatentSet(folder.uri, manifest, reused=False)
+    return LatentSet(manifest["shards"], manifest, reused=False)
 
 
 def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000) -> float:

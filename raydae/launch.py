@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 
 import ray
@@ -86,7 +85,10 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    tensorboard_dir = run.child("tensorboard", stage) if run.is_local else tempfile.mkdtemp(prefix="raydae-tb-")
+    # Local/NFS storage: rank 0 writes event files in place. Remote storage (s3://): rank 0 writes on its own
+    # node and uploads them with each checkpoint and at the end (loop.py).
+    tensorboard_dir = run.child("tensorboard", stage) if run.is_local else None
+    tensorboard_upload = None if run.is_local else run.child("tensorboard", stage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -95,6 +97,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             "steps": config.stage_steps(stage),
             "init_from": init_from,
             "tensorboard_dir": tensorboard_dir,
+            "tensorboard_upload": tensorboard_upload,
             "task_options": task_options or {},
         },
         scaling_config=ScalingConfig(
@@ -118,8 +121,6 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
         raise UserError(f"{stage} ended without a final checkpoint; see the worker log above")
     with result.checkpoint.as_directory() as folder:
         metrics = json.loads(open(os.path.join(folder, "metrics.json")).read())
-    if not run.is_local:
-        run.upload(tensorboard_dir, f"tensorboard/{stage}")
     path = result.checkpoint.path
     uri = path if run.is_local else f"{run.uri.split('://')[0]}://{path.lstrip('/')}"
     return {"metrics": metrics, "checkpoint": uri}

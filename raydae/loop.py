@@ -86,7 +86,8 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        tensorboard_dir = loop_config["tensorboard_dir"] or tempfile.mkdtemp(prefix="raydae-tb-")
+        writer = SummaryWriter(tensorboard_dir)
         if step:
             print(f"[{stage}] resuming from step {step}/{steps}", flush=True)
 
@@ -166,6 +167,7 @@ def train_worker(loop_config: dict) -> None:
             if writer is not None and step % settings.image_every == 0 and sample_batch is not None:
                 writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
             if step % settings.checkpoint_every == 0 and step < steps:
+                _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
                 _report(task, config, stage, step, history, {"step": step, **logs}, rank)
             if step >= steps:
                 break
@@ -192,10 +194,21 @@ def train_worker(loop_config: dict) -> None:
                 writer.add_scalar(f"{stage}/{key}", value, step)
         if sample_batch is not None and step % settings.image_every:
             writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
-        writer.flush()
+        _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
     _report(task, config, stage, step, history, metrics, rank, final=True)
     if writer is not None:
         writer.close()
+
+
+def _upload_tensorboard(writer, target: str | None) -> None:
+    """Remote storage: copy rank 0's event files to `target` (the run folder's tensorboard/<stage>)."""
+    if writer is None or not target:
+        return
+    import pyarrow.fs as pafs
+
+    writer.flush()
+    filesystem, path = pafs.FileSystem.from_uri(target)
+    pafs.copy_files(writer.log_dir, path, destination_filesystem=filesystem)
 
 
 def _report(task, config, stage, step, history, metrics, rank, final=False) -> None:

@@ -91,7 +91,14 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     if finished:
         print(f"run {run.uri} is already finished; nothing to do (metrics in {run.child('metrics.json')})")
         return run.read_json("metrics.json")
+    if options.stage1_from and config.train.mode != "dae":
+        raise UserError("--stage1-from needs train.mode=dae (joint training has no stage 1 to reuse)")
     stage1_state = _check_stage1_source(config, options.stage1_from) if options.stage1_from else None
+    if stage1_state and run.exists("stage1.done.json"):
+        earlier = run.read_json("stage1.done.json")["checkpoint"]
+        if earlier != stage1_state:
+            raise UserError(f"run {run.uri} already used stage 1 from {earlier}; rerun with that --stage1-from "
+                            "(or none), or choose another --name")
 
     check_source(config.data)  # a missing data path fails before Ray starts
     local_ray = launch.connect(options.address, config)
@@ -116,7 +123,9 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
             print(f"[{stage}] already finished; skipping", flush=True)
             continue
         if stage == "stage1" and stage1_state:
-            stage_results[stage] = {"checkpoint": stage1_state, "metrics": _read_checkpoint_metrics(stage1_state)}
+            stage_results[stage] = {"checkpoint": stage1_state, "metrics": _read_checkpoint_metrics(stage1_state),
+                                    "source": "--stage1-from"}
+            run.write_json(marker, stage_results[stage])  # a re-run without the flag keeps using it
             print(f"[stage1] taken from {stage1_state}", flush=True)
             continue
         init_from = None

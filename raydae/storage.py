@@ -66,10 +66,6 @@ class RunFolder:
     def make(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
-    def upload(self, local_dir: str, rel: str) -> None:
-        if not self.is_local:
-            pafs.copy_files(local_dir, self._p(rel), destination_filesystem=self.fs)
-
 
 def _jsonable(value):
     if hasattr(value, "item"):

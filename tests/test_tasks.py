@@ -121,3 +121,16 @@ def test_image_grid_tiles_inputs_over_reconstructions():
     grid = make_grid(torch.zeros(6, 3, 4, 4), nrow=3, pad=1)
     assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
     assert grid.min() >= 0 and grid.max() <= 1
+
+
+def test_tensorboard_events_are_copied_for_remote_storage(tmp_path):
+    """Rank 0 uploads its event files through pyarrow.fs (here to a local path standing in for s3://)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from raydae.loop import _upload_tensorboard
+
+    writer = SummaryWriter(str(tmp_path / "local"))
+    writer.add_scalar("x", 1.0, 0)
+    _upload_tensorboard(writer, str(tmp_path / "remote" / "stage1"))
+    writer.close()
+    assert list((tmp_path / "remote" / "stage1").glob("events.out.tfevents.*"))
