@@ -208,6 +208,7 @@ def _upload_tensorboard(writer, target: str | None) -> None:
 
     writer.flush()
     filesystem, path = pafs.FileSystem.from_uri(target)
+    filesystem.create_dir(path, recursive=True)
     pafs.copy_files(writer.log_dir, path, destination_filesystem=filesystem)
 
 
