@@ -22,7 +22,7 @@ from raydae.models import (
     build_encoder,
     count_parameters,
 )
-from raydae.tasks.common import make_grid, set_learning_rate
+from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
 
@@ -131,19 +131,12 @@ class AutoencoderTask:
 
     def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Move to `device`, freeze what this stage does not train, wrap the trained units (DDP)."""
-        for name, module in self.models.items():
-            module.to(device)
-            if name in self.frozen:
-                module.eval()
-                module.requires_grad_(False)
+        place_modules(self.models, self.frozen, device)
         if self.lpips is not None:
             self.lpips.to(device)
+        # A trainable VQ codebook in stage 2 is refused when the config loads (config.validate).
         if self.stage == "stage2":
             self.trained_unit = wrap(DecoderOnFrozenLatents(self.decoder))
-            if "bottleneck" not in self.frozen:
-                raise UserError(
-                    "stage 2 with a trainable VQ codebook is not supported: set train.freeze_quantizer=true"
-                )
         else:
             self.trained_unit = wrap(Autoencoder(self.encoder, self.bottleneck, self.decoder))
         self.trained_unit.train()
@@ -237,13 +230,10 @@ class AutoencoderTask:
         """Reconstruction MSE, PSNR and SSIM (torchmetrics) on held-out images, in [0, 1] pixel units."""
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-        was_training = [(m, m.training) for m in self.models.values()]
-        for module in self.models.values():
-            module.eval()
         psnr = ssim = None
         squared_error, pixels, count = 0.0, 0, 0
         usage = None
-        try:
+        with evaluation_mode(*self.models.values()):
             for batch in batches:
                 images = batch["image"]
                 recon, out = self.reconstruct_unwrapped(images)
@@ -261,9 +251,6 @@ class AutoencoderTask:
                 if out.indices is not None:
                     hits = torch.bincount(out.indices.flatten(), minlength=self.config.ae.vq.codebook_size)
                     usage = hits if usage is None else usage + hits
-        finally:
-            for module, mode in was_training:
-                module.train(mode)
         if count == 0:
             return {}
         metrics = {"val/mse": squared_error / pixels, "val/psnr": float(psnr.compute()),
@@ -279,12 +266,6 @@ class AutoencoderTask:
     def image_grid(self, batch: dict, max_images: int = 16) -> torch.Tensor:
         """Inputs (top row) beside reconstructions (bottom row), CHW in [0, 1] for TensorBoard."""
         images = batch["image"][:max_images]
-        modes = [(m, m.training) for m in self.models.values()]
-        for module in self.models.values():
-            module.eval()
-        try:
+        with evaluation_mode(*self.models.values()):
             recon, _ = self.reconstruct_unwrapped(images)
-        finally:
-            for module, mode in modes:
-                module.train(mode)
         return make_grid(torch.cat([images, recon]).float(), nrow=images.shape[0])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
+from torch import nn
 
 
 def warmup_scale(step: int, warmup_steps: int) -> float:
@@ -20,6 +23,28 @@ def set_learning_rate(optimizers: dict, lr_scale: float) -> None:
         for group in opt.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * lr_scale
+
+
+def place_modules(models: dict[str, nn.Module], frozen: set[str], device: torch.device) -> None:
+    """Move every module to `device`; the frozen ones go to eval mode with gradients off."""
+    for name, module in models.items():
+        module.to(device)
+        if name in frozen:
+            module.eval()
+            module.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put `modules` in eval mode for the block, then give each back the mode it had."""
+    modes = [(module, module.training) for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
 
 
 def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:

@@ -24,7 +24,7 @@ from raydae.errors import UserError
 from raydae.models import build_bottleneck, build_decoder, count_parameters
 from raydae.models.dit import build_dit
 from raydae.models.prior import build_prior
-from raydae.tasks.common import make_grid, set_learning_rate
+from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
 
 
 class GeneratorTask:
@@ -57,11 +57,7 @@ class GeneratorTask:
 
     def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         self.device = device
-        for name, module in self.models.items():
-            module.to(device)
-            if name in self.frozen:
-                module.eval()
-                module.requires_grad_(False)
+        place_modules(self.models, self.frozen, device)
         self.trained_unit = wrap(self.generator_module)
         self.trained_unit.train()
         s = self.settings
@@ -209,15 +205,11 @@ class PriorTask(GeneratorTask):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out cross-entropy in nats per code (and its perplexity)."""
-        was_training = self.prior.training
-        self.prior.eval()
         total, count = 0.0, 0
-        try:
+        with evaluation_mode(self.prior):
             for batch in batches:
                 total += float(self._cross_entropy(self.prior, batch)) * batch["codes"].numel()
                 count += batch["codes"].numel()
-        finally:
-            self.prior.train(was_training)
         if not count:
             return {}
         nats = total / count
@@ -229,15 +221,11 @@ class PriorTask(GeneratorTask):
         """n images in [-1, 1]: codes sampled with the key/value cache, decoded by the final decoder.
         (`steps` and `cfg_scale` are DiT's knobs; the prior has none and ignores them.)"""
         device = next(self.prior.parameters()).device
-        was_training = self.prior.training
-        self.prior.eval()
-        try:
-            p = self.config.prior
-            y = labels.to(device) if labels is not None else self.class_labels(n, device)
+        p = self.config.prior
+        y = labels.to(device) if labels is not None else self.class_labels(n, device)
+        with evaluation_mode(self.prior):
             codes = self.prior.generate(n, y=y, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                         generator=torch.Generator().manual_seed(seed), device=device)
-        finally:
-            self.prior.train(was_training)
         _, height, width = self.latent_shape
         z = self.bottleneck.decode_indices(codes.view(n, height, width))
         return self.decoder(z).clamp(-1, 1)
