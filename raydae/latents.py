@@ -65,13 +65,10 @@ class EncodeBatch:
     """Ray Data actor: builds the frozen encoder once, then encodes batches of images."""
 
     def __init__(self, checkpoint_uri: str, use_gpu: bool = False):
-        import ray.train
-
-        from raydae.loop import load_state
+        from raydae.loop import load_checkpoint_state
         from raydae.models import build_bottleneck, build_encoder
 
-        with ray.train.Checkpoint(checkpoint_uri).as_directory() as folder:
-            state = load_state(folder)
+        state = load_checkpoint_state(checkpoint_uri)
         config = Config.from_dict(state["config"])
         self.bottleneck_kind = config.ae.bottleneck
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

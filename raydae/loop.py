@@ -50,6 +50,19 @@ def load_state(folder: str) -> dict:
     return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def load_checkpoint_state(uri: str) -> dict:
+    """The training state of a checkpoint given by path or URI (local, NFS or s3://)."""
+    with ray.train.Checkpoint(uri).as_directory() as folder:
+        return load_state(folder)
+
+
+def read_checkpoint_file(uri: str, name: str) -> str | None:
+    """A small file (config.yaml, metrics.json) of a checkpoint, or None when it has none."""
+    with ray.train.Checkpoint(uri).as_directory() as folder:
+        path = Path(folder, name)
+        return path.read_text() if path.is_file() else None
+
+
 def train_worker(loop_config: dict) -> None:
     config = Config.from_dict(loop_config["config"])
     stage: str = loop_config["stage"]
@@ -70,8 +83,7 @@ def train_worker(loop_config: dict) -> None:
         for name, module in task.models.items():
             module.load_state_dict(state["models"][name])
     elif loop_config.get("init_from"):
-        with ray.train.Checkpoint(loop_config["init_from"]).as_directory() as folder:
-            task.load_previous_stage(load_state(folder))
+        task.load_previous_stage(load_checkpoint_state(loop_config["init_from"]))
     task.prepare(device, wrap=ray.train.torch.prepare_model)
     if state is not None:
         for name, opt in task.optimizers.items():

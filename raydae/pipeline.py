@@ -85,7 +85,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def run_pipeline(config: Config, options: RunOptions) -> dict:
     """Train every stage of `config.train.mode`, skipping finished ones; returns the run's metrics."""
     from raydae import launch
-    from raydae.data import build_datasets, check_source
+    from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source
 
     run, finished = prepare_run_folder(config, options)
     if finished:
@@ -93,7 +93,9 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
         return run.read_json("metrics.json")
     if options.stage1_from and config.train.mode != "dae":
         raise UserError("--stage1-from needs train.mode=dae (joint training has no stage 1 to reuse)")
-    stage1_state = _check_stage1_source(config, options.stage1_from) if options.stage1_from else None
+    stage1_state = options.stage1_from
+    if stage1_state:
+        _check_stage_compatibility(config, stage1_state)  # refused before any work
     if stage1_state and run.exists("stage1.done.json"):
         earlier = run.read_json("stage1.done.json")["checkpoint"]
         if earlier != stage1_state:
@@ -108,9 +110,9 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     run.make()
     run.write_text("config.yaml", config.to_yaml())
     if bundle.skipped_files:
-        run.write_text("bad_files.txt", "".join(f"{path}\t{why}\n" for path, why in bundle.skipped_files))
+        run.write_text(BAD_FILES_NAME, bad_files_text(bundle.skipped_files))
         print(f"skipped {len(bundle.skipped_files)} unreadable image file(s), listed in "
-              f"{run.child('bad_files.txt')}", flush=True)
+              f"{run.child(BAD_FILES_NAME)}", flush=True)
     datasets = {"train": bundle.train, "val": bundle.val}
     print(f"run {run.uri}: {config.train.mode} on {config.data.source} "
           f"({bundle.num_train} train / {bundle.num_val} val images)", flush=True)
@@ -130,8 +132,9 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
             continue
         init_from = None
         if stage == "stage2":
-            init_from = stage1_state or stage_results["stage1"]["checkpoint"]
-            _check_stage_compatibility(config, init_from)
+            init_from = stage_results["stage1"]["checkpoint"]
+            if init_from != stage1_state:  # a --stage1-from checkpoint was checked at the start
+                _check_stage_compatibility(config, init_from)
         t0 = time.time()
         result = launch.fit_stage(config, stage, run, datasets, init_from=init_from)
         result["wall_seconds"] = time.time() - t0
@@ -153,15 +156,12 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
     """Latents (once per encoder and data) -> the generator stage -> a grid of samples in the run folder."""
     from raydae import launch
     from raydae.latents import encode_dataset, read_latents
-    from raydae.loop import load_state
+    from raydae.loop import load_checkpoint_state
 
     if run.exists("latents.done.json"):
         latents = run.read_json("latents.done.json")
     else:
-        import ray.train
-
-        with ray.train.Checkpoint(autoencoder_checkpoint).as_directory() as folder:
-            state = load_state(folder)
+        state = load_checkpoint_state(autoencoder_checkpoint)
         t0 = time.time()
         latent_set = encode_dataset(config, autoencoder_checkpoint, state, bundle, run.storage)
         verb = "reused" if latent_set.reused else f"wrote in {time.time() - t0:.0f}s"
@@ -211,14 +211,10 @@ def latent_set_gigabytes(manifest: dict) -> float:
 def _read_checkpoint_metrics(uri: str) -> dict:
     import json
 
-    import ray.train
+    from raydae.loop import read_checkpoint_file
 
-    with ray.train.Checkpoint(uri).as_directory() as folder:
-        try:
-            with open(f"{folder}/metrics.json") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
+    text = read_checkpoint_file(uri, "metrics.json")
+    return json.loads(text) if text else {}
 
 
 def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) -> dict:
@@ -277,20 +273,16 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
 
 
 def _read_checkpoint_config(uri: str) -> Config:
-    import ray.train
+    from raydae.loop import read_checkpoint_file
 
+    missing = f"{uri}: not a raydae checkpoint folder (no readable config.yaml)"
     try:
-        checkpoint = ray.train.Checkpoint(uri)
-        with checkpoint.as_directory() as folder:
-            with open(f"{folder}/config.yaml") as f:
-                return Config.from_dict(yaml.safe_load(f))
-    except (FileNotFoundError, OSError) as err:
-        raise UserError(f"{uri}: not a raydae checkpoint folder (no readable config.yaml): {err}") from None
-
-
-def _check_stage1_source(config: Config, uri: str) -> str:
-    _check_stage_compatibility(config, uri)
-    return uri
+        text = read_checkpoint_file(uri, "config.yaml")
+    except OSError as err:
+        raise UserError(f"{missing}: {err}") from None
+    if text is None:
+        raise UserError(missing)
+    return Config.from_dict(yaml.safe_load(text))
 
 
 def _check_stage_compatibility(config: Config, stage1_uri: str) -> None:

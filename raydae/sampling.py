@@ -20,13 +20,10 @@ from raydae.storage import RunFolder
 
 
 def load_generator(checkpoint_uri: str, device: str | None = None):
-    import ray.train
-
-    from raydae.loop import load_state
+    from raydae.loop import load_checkpoint_state
     from raydae.tasks import make_task
 
-    with ray.train.Checkpoint(checkpoint_uri).as_directory() as folder:
-        state = load_state(folder)
+    state = load_checkpoint_state(checkpoint_uri)
     if state.get("stage") != "generator":
         raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a generator's")
     config = Config.from_dict(state["config"])
@@ -40,9 +37,8 @@ def load_generator(checkpoint_uri: str, device: str | None = None):
 
 
 def generator_checkpoint(run_dir: str) -> str:
-    path = run_dir.rstrip("/")
-    storage, name = (path.rsplit("/", 1) + [""])[:2] if "/" in path else (".", path)
-    run = RunFolder(storage, name)
+    storage, _, name = run_dir.rstrip("/").rpartition("/")
+    run = RunFolder(storage or ".", name)
     if not run.exists():
         raise UserError(f"{run_dir}: no such run folder")
     if not run.exists("generator.done.json"):
@@ -58,14 +54,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_grid(images: torch.Tensor, path: str | None, nrow: int | None = None, pad: int = 2) -> bytes:
     """Tile images into one PNG (white gaps); writes it to `path` when given, returns the bytes."""
-    tiles = to_uint8(images)
-    n, h, w, _ = tiles.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    from raydae.tasks import make_grid
+
+    grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), pad=pad)  # CHW in [0, 1]
+    canvas = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     if path:

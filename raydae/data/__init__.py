@@ -9,8 +9,11 @@
 Rows hold exactly `image` (float32, 3 x S x S, in [-1, 1]) and `label` (int64).
 """
 
-from raydae.data.datasets import BAD_FILES_NAME, DataBundle, build_datasets, check_source
+from raydae.data.datasets import BAD_FILES_NAME, DataBundle, bad_files_text, build_datasets, check_source
 from raydae.data.pack import pack_folder
 from raydae.data.shapes import SHAPE_NAMES, render_shapes
 
-__all__ = ["BAD_FILES_NAME", "DataBundle", "SHAPE_NAMES", "build_datasets", "check_source", "pack_folder", "render_shapes"]
+__all__ = [
+    "BAD_FILES_NAME", "DataBundle", "SHAPE_NAMES", "bad_files_text", "build_datasets", "check_source",
+    "pack_folder", "render_shapes",
+]

@@ -83,6 +83,11 @@ def check_source(data_cfg: DataConfig) -> str | None:
     return root
 
 
+def bad_files_text(skipped: list[tuple[str, str]]) -> str:
+    """bad_files.txt: one `path<TAB>reason` line per skipped file (reasons folded onto one line)."""
+    return "".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in skipped)
+
+
 def _report_skipped(skipped: list[tuple[str, str]], report_dir: str | None) -> None:
     if not skipped:
         return
@@ -94,7 +99,7 @@ def _report_skipped(skipped: list[tuple[str, str]], report_dir: str | None) -> N
     os.makedirs(report_dir, exist_ok=True)
     path = os.path.join(report_dir, BAD_FILES_NAME)
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{p}\t{' '.join(reason.split())}\n" for p, reason in skipped)
+        f.write(bad_files_text(skipped))
     log.warning("skipped %d unreadable files (listed in %s)", len(skipped), path)
 
 

@@ -21,6 +21,7 @@ from raydae.models import (
     build_discriminator,
     build_encoder,
     count_parameters,
+    latent_shape,
 )
 from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
 
@@ -62,8 +63,7 @@ def run_bottleneck(bottleneck: nn.Module, h: torch.Tensor, sample: bool):
 def latent_signature(config: Config) -> dict:
     """What stage 2 needs from a stage-1 encoder: the bottleneck kind and the latent shape."""
     ae = config.ae
-    side = config.data.image_size // ae.downsample_factor
-    signature = {"bottleneck": ae.bottleneck, "latent_shape": [ae.latent_channels, side, side]}
+    signature = {"bottleneck": ae.bottleneck, "latent_shape": list(latent_shape(ae, config.data.image_size))}
     if ae.bottleneck == "vq":
         signature["codebook_size"] = ae.vq.codebook_size
     return signature
