@@ -21,12 +21,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydae", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # `--debug` also after the command (`raydae run --debug`, `python raydae/run.py --debug`); SUPPRESS keeps
+    # a sub-command's default from overwriting `raydae --debug run`.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train a run end to end (DAE stage 1 -> stage 2, or joint)")
+    run = sub.add_parser("run", parents=[debug], help="train a run end to end (DAE stage 1 -> stage 2, or joint)")
     add_run_arguments(run)
 
-    sample = sub.add_parser("sample", help="draw samples from a finished run's generator into a PNG grid")
+    sample = sub.add_parser("sample", parents=[debug], help="draw samples from a finished run's generator into a PNG grid")
     sample.add_argument("run_dir", help="run folder (e.g. runs/dae-kl4-s0)")
     sample.add_argument("--n", type=int, default=64, help="number of samples")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write")
@@ -36,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg", type=float, default=None, help="DiT: guidance scale (default: dit.cfg_scale)")
 
     sub.add_parser("presets", help="list the built-in presets")
-    show = sub.add_parser("config", help="print the resolved config as YAML")
+    show = sub.add_parser("config", parents=[debug], help="print the resolved config as YAML")
     add_config_arguments(show)
 
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    pack = data_sub.add_parser("pack", help="turn an image folder into Parquet shards with a manifest")
+    pack = data_sub.add_parser("pack", parents=[debug], help="turn an image folder into Parquet shards with a manifest")
     pack.add_argument("src", help="image folder (png/jpg/webp, recursive; sub-folders become labels)")
     pack.add_argument("dst", help="new, empty output folder")
     pack.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE x SIZE")

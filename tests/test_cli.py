@@ -58,8 +58,9 @@ def test_missing_data_path_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "raydae.cli", "--debug", "run", "--set", "train.lr=x"]
+@pytest.mark.parametrize("args", [["--debug", "run"], ["run", "--debug"]])
+def test_debug_shows_the_traceback(tmp_path, args):
+    cmd = [sys.executable, "-m", "raydae.cli", *args, "--set", "train.lr=x"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
