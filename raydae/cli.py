@@ -39,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=None, help="DiT: DDIM steps (default: dit.sample_steps)")
     sample.add_argument("--cfg", type=float, default=None, help="DiT: guidance scale (default: dit.cfg_scale)")
 
+    evaluate = sub.add_parser("eval", parents=[debug],
+                              help="score a finished run: sample quality, reconstruction, complexity -> metrics.json")
+    evaluate.add_argument("run_dir", help="run folder (e.g. runs/dae-kl4-s0)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE", dest="overrides",
+                          help="change an evaluation setting, e.g. --set eval.num_samples=5000")
+    evaluate.add_argument("--address", default=None,
+                          help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    report = sub.add_parser("report", parents=[debug],
+                            help="write report.md and PNG figures for a run, a folder of runs or a sweep")
+    report.add_argument("path", help="a run folder, or a folder holding runs (a sweep)")
+    report.add_argument("--metric", default=None, help="metric to sort and plot (default: the runs' headline)")
+    report.add_argument("--mode", choices=["min", "max"], default=None, help="is lower or higher better")
+
     sub.add_parser("presets", help="list the built-in presets")
     show = sub.add_parser("config", parents=[debug], help="print the resolved config as YAML")
     add_config_arguments(show)
@@ -117,6 +131,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         sample_run(args.run_dir, args.n, args.out, args.out_dir, args.seed, args.steps, args.cfg)
         print(f"wrote {args.n} samples to {args.out}" + (f" and {args.out_dir}/" if args.out_dir else ""))
         return 0
+    if args.command == "eval":
+        from raydae.evaluate import evaluate_folder
+
+        metrics = evaluate_folder(args.run_dir, args.overrides, args.address)
+        print(json.dumps(metrics["eval"], indent=2, default=str))
+        print(f"\nresults: {args.run_dir.rstrip('/')}/metrics.json (key: eval)")
+        return 0
+    if args.command == "report":
+        from raydae.report import write_report
+
+        result = write_report(args.path, metric=args.metric, mode=args.mode)
+        print(f"report: {result['report']} ({result['runs']} run(s), metric {result['metric']})")
+        for figure in result["figures"].values():
+            print(f"figure: {figure['path']}")
+        return 0
     raise AssertionError(args.command)
 
 
@@ -129,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
     metrics = run_pipeline(config, options)
     run_uri = metrics.get("run", "")
-    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "generator", "parameters", "wall_seconds")
+    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "generator", "parameters", "eval", "wall_seconds")
                              if k in metrics},
                             indent=2, default=str))
     print(f"\nresults: {run_uri}/metrics.json")

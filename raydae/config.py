@@ -176,6 +176,40 @@ class GeneratorTrainConfig:
     cache_latents_gb: float = 4.0
 
 
+# ----------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalConfig:
+    """`raydae eval` (and the end of `raydae run`): sample quality, reconstruction, complexity.
+
+    Changing these never invalidates a run's training: they are left out of the resume check.
+    """
+
+    enabled: bool = True  # evaluate at the end of `raydae run`
+    num_samples: int = 1000  # generated images scored per run
+    num_real: int = 2000  # real reference images, the first of the train split (statistics cached)
+    num_reconstructions: int = 1000  # held-out (val) images reconstructed by each decoder
+    batch_size: int = 250
+    sample_tasks: int = 0  # Ray tasks drawing samples in parallel; 0: scaling.num_workers
+    # FID/KID/IS need the Inception file torchmetrics/torch-fidelity use (weights-inception-2015-12-05-
+    # 6726825d.pth), checked by its SHA-256. "": use it from torch hub's cache when it is there; without it
+    # the distances are computed on random-network features and named fd_randfeat/kd_randfeat.
+    inception_weights: str = ""
+    inception_sha256: str = ""  # pin the file's full SHA-256; "": check the 6726825d prefix its name carries
+    randfeat_seed: int = 0
+    randfeat_dim: int = 256
+    classifier_steps: int = 1500  # builtin:shapes: the project's own classifier (features, class mix)
+    knn_k: int = 3  # precision/recall manifolds
+    kid_subsets: int = 10
+    kid_subset_size: int = 1000
+    lipschitz_latents: int = 64  # held-out latents for the empirical Lipschitz estimate
+    # Latent-data distance (docs/latent_distance.md): a decoder of this class trained on the frozen
+    # latents against a critic of fixed capacity. 0 steps skips it.
+    latent_distance_steps: int = 300
+    latent_distance_critic_steps: int = 200
+    latent_distance_images: int = 4000
+    seed: int = 0
+
+
 # ------------------------------------------------------------------------------------ resources
 @dataclass
 class ScalingConfig:
@@ -200,6 +234,7 @@ class Config:
     generator_train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -428,6 +463,7 @@ def validate(config: Config) -> None:
         "generator_train.steps": config.generator_train.steps,
         "dit.sample_steps": config.dit.sample_steps,
         "data.image_size": config.data.image_size,
+        "eval.batch_size": config.eval.batch_size,
     }
     for path, value in positive.items():
         if value <= 0:
@@ -453,6 +489,11 @@ def validate(config: Config) -> None:
     for stage in config.stages():
         if config.stage_steps(stage) <= 0:
             raise UserError(f"config: {stage} has {config.stage_steps(stage)} steps; give it at least 1")
+    ev = config.eval
+    for name in ("num_samples", "num_real", "num_reconstructions"):
+        if getattr(ev, name) <= ev.knn_k + 1:
+            raise UserError(f"config eval.{name}={getattr(ev, name)}: needs more than eval.knn_k + 1 = "
+                            f"{ev.knn_k + 1} images for covariances and k-nearest-neighbour manifolds")
     if config.data.shuffle_buffer < 0:
         raise UserError(f"config data.shuffle_buffer: must be 0 (off) or positive, got {config.data.shuffle_buffer}")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -6,7 +6,7 @@ Layout of `<storage>/<name>/`:
     stage1.done.json ...     written only after a stage finished: its metrics and final checkpoint
     tensorboard/<stage>/     TensorBoard event files (`tensorboard --logdir <run>`)
     bad_files.txt            images skipped under data.on_bad_file=skip
-    metrics.json             the run's summary, written last
+    metrics.json             the run's summary, written last; its `eval` key holds `raydae eval`'s results
     DONE                     marks a finished run; a run without it is continued by the same command
 """
 
@@ -61,7 +61,8 @@ def prepare_run_folder(config: Config, options: RunOptions) -> tuple[RunFolder, 
         )
     if run.exists("config.yaml"):
         saved = Config.from_dict(yaml.safe_load(run.read_text("config.yaml")))
-        changed = _differences(saved.to_dict(), config.to_dict())
+        # Evaluation settings do not change what was trained, so they may differ on a rerun.
+        changed = [c for c in _differences(saved.to_dict(), config.to_dict()) if not c.startswith("eval.")]
         if changed:
             shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
             raise UserError(
@@ -147,6 +148,14 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
 
     metrics = summarise(config, stage_results, bundle, wall_seconds=time.time() - started)
     metrics["run"] = run.uri
+    if config.eval.enabled:
+        from raydae.evaluate import evaluate_run
+
+        print("[eval] scoring samples, reconstructions and complexity", flush=True)
+        metrics["eval"] = evaluate_run(run, config, bundle)
+        print(f"[eval] done in {metrics['eval']['wall_seconds']:.0f}s; {metrics['eval']['headline']}: "
+              f"{metrics['eval'].get('samples', {}).get(metrics['eval']['headline'], 'n/a')}", flush=True)
+        metrics["wall_seconds"] = time.time() - started
     run.write_json("metrics.json", metrics)
     run.write_text(DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return metrics

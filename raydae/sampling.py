@@ -19,21 +19,26 @@ from raydae.errors import UserError
 from raydae.storage import RunFolder
 
 
-def load_generator(checkpoint_uri: str, device: str | None = None):
+def load_task(checkpoint_uri: str, stages: tuple[str, ...], device: str | None = None):
+    """The task of a finished checkpoint with its trained weights, frozen, on `device` (default: GPU if any)."""
     from raydae.loop import load_checkpoint_state
     from raydae.tasks import make_task
 
     state = load_checkpoint_state(checkpoint_uri)
-    if state.get("stage") != "generator":
-        raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a generator's")
+    if state.get("stage") not in stages:
+        raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a {' or '.join(stages)} one")
     config = Config.from_dict(state["config"])
-    task = make_task(config, "generator", state["task_options"])
+    task = make_task(config, state["stage"], state.get("task_options"))
     for name, module in task.models.items():
         module.load_state_dict(state["models"][name])
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in task.models.values():
         module.to(target).eval().requires_grad_(False)
     return task
+
+
+def load_generator(checkpoint_uri: str, device: str | None = None):
+    return load_task(checkpoint_uri, ("generator",), device)
 
 
 def generator_checkpoint(run_dir: str) -> str:

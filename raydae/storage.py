@@ -35,6 +35,10 @@ class RunFolder:
         with self.fs.open_input_stream(self._p(rel)) as f:
             return f.read().decode()
 
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._p(rel)) as f:
+            return f.read()
+
     def write_text(self, rel: str, text: str) -> None:
         """Write atomically where the filesystem allows (local: temp file + rename; S3 puts are atomic)."""
         self.write_bytes(rel, text.encode())

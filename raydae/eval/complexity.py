@@ -33,6 +33,13 @@ _NORMALISATIONS = (
 )
 
 
+def count_flops(fn) -> int:
+    """FLOPs of everything `fn()` runs, by `FlopCounterMode` (matmuls, convolutions, attention)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def flops_per_image(model: nn.Module, example_input: torch.Tensor) -> int:
     """Forward FLOPs for one image, counted by `torch.utils.flop_counter.FlopCounterMode`.
 
@@ -40,9 +47,7 @@ def flops_per_image(model: nn.Module, example_input: torch.Tensor) -> int:
     a multiply-add as 2 FLOPs (a Conv2d costs 2·Cin·Cout·k²·H_out·W_out), and only counts ops it
     has formulas for (matmuls, convolutions, attention), not elementwise ops or norms.
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example_input)
-    return int(counter.get_total_flops()) // example_input.shape[0]
+    return count_flops(lambda: model(example_input)) // example_input.shape[0]
 
 
 # ---------------------------------------------------------------- Lipschitz upper bound
@@ -154,6 +159,23 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: tuple[int, ...] | None
         elif type(leaf) in _ACTIVATION_LIPSCHITZ:
             bound *= _ACTIVATION_LIPSCHITZ[type(leaf)]
     return bound
+
+
+def spectral_norm_product(module: nn.Module, input_shape: tuple[int, ...], iterations: int = 50) -> float:
+    """Product of the operator norms of the Conv2d and Linear layers, in the order the forward calls them.
+
+    The same product `lipschitz_upper_bound` takes, without its refusal: for a network with GroupNorm or
+    residual branches it is a measure of how much the layers can stretch their inputs (a complexity
+    proxy that is comparable between decoders of one architecture), not a bound on the Lipschitz constant.
+    """
+    order, shapes = _conv_input_shapes(module, tuple(input_shape))
+    product = 1.0
+    for leaf in order:
+        if isinstance(leaf, nn.Linear):
+            product *= linear_spectral_norm(leaf)
+        elif isinstance(leaf, nn.Conv2d):
+            product *= conv_spectral_norm(leaf, shapes[leaf], iterations=iterations)
+    return product
 
 
 # ---------------------------------------------------------------- empirical estimate

@@ -226,8 +226,11 @@ class AutoencoderTask:
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        """Reconstruction MSE, PSNR and SSIM (torchmetrics) on held-out images, in [0, 1] pixel units."""
+    def evaluate(self, batches: Iterable[dict], observe: Callable | None = None) -> dict[str, float]:
+        """Reconstruction MSE, PSNR and SSIM (torchmetrics) on held-out images, in [0, 1] pixel units.
+
+        `observe(images, reconstructions, bottleneck_output)`, when given, sees every batch (evaluation
+        uses it to embed the reconstructions without decoding twice)."""
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
         psnr = ssim = None
@@ -237,6 +240,8 @@ class AutoencoderTask:
             for batch in batches:
                 images = batch["image"]
                 recon, out = self.reconstruct_unwrapped(images)
+                if observe is not None:
+                    observe(images, recon, out)
                 real01 = ((images + 1) / 2).clamp(0, 1).float()
                 fake01 = ((recon + 1) / 2).clamp(0, 1).float()
                 if psnr is None:

@@ -1,0 +1,156 @@
+"""raydae.report on a hand-made sweep folder: two DAE runs, one joint run, one unfinished run. No Ray."""
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from raydae.errors import UserError
+from raydae.report import write_report
+
+
+def make_run(folder, mode="dae", latent=(4, 8, 8), aux_width=0.5, seed=0, fd=30.0, flops=2e7, stages=None,
+             finished=True):
+    """A run folder as raydae leaves it: config.yaml, metrics.json, samples.png, tensorboard/<stage>/."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True)
+    config = {"train": {"mode": mode, "seed": seed}, "generator": "dit", "data": {"image_size": 32},
+              "ae": {"latent_channels": latent[0], "bottleneck": "kl",
+                     "aux_decoder": {"width": aux_width, "num_res_blocks": 1, "dropout": 0.0},
+                     "decoder": {"width": 1.0, "num_res_blocks": 2, "dropout": 0.0}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    stages = stages or (["stage1", "stage2", "generator"] if mode == "dae" else ["joint", "generator"])
+    for stage in stages:
+        writer = SummaryWriter(str(folder / "tensorboard" / stage))
+        key = "loss/diffusion" if stage == "generator" else "loss/total"
+        for step in (2, 4, 6):
+            writer.add_scalar(f"{stage}/{key}", 1.0 / step, step)
+        writer.add_scalar(f"{stage}/val/{'diffusion_loss' if stage == 'generator' else 'mse'}", 0.1, 6)
+        writer.close()
+    if not finished:
+        return
+    Image.new("RGB", (24, 24), (40 * seed % 255, 120, 200)).save(folder / "samples.png")
+    metrics = {
+        "mode": mode, "latent": {"bottleneck": "kl", "latent_shape": list(latent)},
+        "stages": {"stage2" if mode == "dae" else "joint": {"decoder": "decoder", "val_mse": 0.01, "val_psnr": 20.0}},
+        "generator": {"kind": "dit", "samples": "samples.png"},
+        "parameters": {"encoder": 1000, "decoder": 3000, "generator": 1_274_000,
+                       **({"aux_decoder": 800} if mode == "dae" else {})},
+        "eval": {
+            "headline": "fd_shapesclf",
+            "features": {"randfeat": "RandomFeatureNet(seed=0, dim=256)", "shapesclf": "shapes classifier"},
+            "samples": {"num": 100, "fd_shapesclf": fd, "fd_randfeat": fd / 3, "precision_shapesclf": 0.6,
+                        "class_fractions": {"circle": 0.5}},
+            "reconstruction": {"decoder": {"mse": 0.01, "psnr": 19.7}},
+            "real_vs_real": {"fd_shapesclf": 0.15},
+            "complexity": {"decoder": {"parameters": 3000, "flops_per_image": flops}},
+        },
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root / "trials" / "dae_small", latent=(4, 8, 8), aux_width=0.5, seed=0, fd=20.0, flops=2e7)
+    make_run(root / "trials" / "dae_big", latent=(8, 8, 8), aux_width=1.0, seed=1, fd=40.0, flops=4e7)
+    make_run(root / "joint", mode="joint", latent=(4, 8, 8), seed=0, fd=30.0, flops=2e7)
+    make_run(root / "running", finished=False, stages=["stage1"])
+    # Started, no tensorboard yet: its checkpoint (config.yaml + metrics.json) must not pass for a run.
+    checkpoint = root / "starting" / "stage1" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    (root / "starting" / "config.yaml").write_text("train: {mode: dae}\n")
+    for name in ("config.yaml", "metrics.json"):
+        (checkpoint / name).write_text("{}")
+    return root
+
+
+def table_rows(text, header_start):
+    """Data rows of the markdown table whose header starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_sweep_report(sweep):
+    result = write_report(str(sweep))
+    assert result["metric"] == "fd_shapesclf" and result["mode"] == "min" and result["runs"] == 4
+
+    text = (sweep / "report.md").read_text()
+    rows = table_rows(text, "| run | mode |")
+    assert [row[0] for row in rows] == ["trials/dae_small", "joint", "trials/dae_big"]  # best (lowest) first
+    assert rows[0][1:5] == ["DAE", "kl 4x8x8", "w0.5 b1 d0.0", "w1.0 b2 d0.0"]
+    assert rows[1][3] == "—"  # a joint run has no auxiliary decoder
+    assert "shapes classifier" in text and "FID" not in text  # names the feature net, never calls it FID
+    assert "`running`" in text  # the unfinished run is listed, not ranked
+
+    figures = result["figures"]
+    assert set(figures) == {"loss_curves", "quality_vs_complexity", "metric_vs_latent_size", "samples_side_by_side"}
+    for name, figure in figures.items():
+        assert f"![{name}](report/{name}.png)" in text
+        with Image.open(figure["path"]) as image:
+            assert image.width > 0 and image.height > 0
+    assert figures["loss_curves"]["panels"] == ["stage1", "stage2", "joint", "generator"]
+    titles = figures["samples_side_by_side"]["panels"]
+    assert titles[:2] == ["DAE: trials/dae_small", "joint: joint"] and len(titles) == 3
+    assert figures["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0.0", "aux w1.0 b1 d0.0", "joint"]
+    assert list((sweep / "tensorboard" / "report").glob("events.out.tfevents.*"))
+
+
+def test_metric_and_mode_override(sweep):
+    result = write_report(str(sweep), metric="precision_shapesclf", tensorboard=False)
+    assert result["mode"] == "max"
+    result = write_report(str(sweep), metric="fd_randfeat", mode="max", tensorboard=False)
+    rows = table_rows((sweep / "report.md").read_text(), "| run | mode |")
+    assert rows[0][0] == "trials/dae_big"  # highest first under mode=max
+
+
+def test_seeds_share_a_point(tmp_path):
+    make_run(tmp_path / "s0", seed=0, fd=10.0)
+    make_run(tmp_path / "s1", seed=1, fd=14.0)
+    result = write_report(str(tmp_path), tensorboard=False)
+    assert result["figures"]["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0.0"]
+
+
+def test_single_run(tmp_path):
+    run = tmp_path / "dae-kl4-s0"
+    make_run(run, fd=12.0)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["latent"] = {"bottleneck": "vq", "shape": [16, 4, 4], "codebook_size": 256}  # the other spelling
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    result = write_report(str(run), tensorboard=False)
+    text = (run / "report.md").read_text()
+    assert "## Config" in text and "eval.samples.fd_shapesclf" in text and "vq 16x4x4 (256 codes)" in text
+    assert result["figures"]["loss_curves"]["panels"] == ["stage1", "stage2", "generator"]
+    assert result["figures"]["samples_side_by_side"]["panels"] == ["dae-kl4-s0"]
+    assert (run / "report" / "loss_curves.png").is_file()
+
+
+def test_run_without_eval(tmp_path):
+    make_run(tmp_path / "r", fd=1.0)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    del metrics["eval"]
+    (tmp_path / "r" / "metrics.json").write_text(json.dumps(metrics))
+    result = write_report(str(tmp_path), tensorboard=False)
+    assert result["metric"] is None
+    assert set(result["figures"]) == {"loss_curves", "samples_side_by_side"}
+
+
+def test_unknown_metric_lists_available(sweep):
+    with pytest.raises(UserError, match=r"'fid' is in no run.*available: .*fd_shapesclf"):
+        write_report(str(sweep), metric="fid", tensorboard=False)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    (tmp_path / "empty" / "tensorboard").mkdir(parents=True)
+    with pytest.raises(UserError, match="no runs found"):
+        write_report(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no such folder"):
+        write_report(str(tmp_path / "missing"))
