@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default=None, help="metric to sort and plot (default: the runs' headline)")
     report.add_argument("--mode", choices=["min", "max"], default=None, help="is lower or higher better")
 
+    sweep = sub.add_parser("sweep", parents=[debug], help="Ray Tune over config fields (a sweep file, see sweeps/)")
+    sweep.add_argument("file", help="sweep YAML file, e.g. sweeps/quick.yaml")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep of this name (also what re-running the command does)")
+    sweep.add_argument("--storage", default=None, help="where the experiment folder goes (default: the file's storage)")
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
     sub.add_parser("presets", help="list the built-in presets")
     show = sub.add_parser("config", parents=[debug], help="print the resolved config as YAML")
     add_config_arguments(show)
@@ -137,6 +145,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         metrics = evaluate_folder(args.run_dir, args.overrides, args.address)
         print(json.dumps(metrics["eval"], indent=2, default=str))
         print(f"\nresults: {args.run_dir.rstrip('/')}/metrics.json (key: eval)")
+        return 0
+    if args.command == "sweep":
+        from raydae.report import write_report
+        from raydae.sweep import run_sweep
+
+        summary = run_sweep(args.file, resume=args.resume, address=args.address, storage=args.storage)
+        for row in summary["trials"]:
+            value = "" if row["value"] is None else f"{row['metric']} {row['value']:.4g}"
+            print(f"{row['status']:9s} {row['trial']}  {value}")
+        best = summary["best"]
+        if best:
+            print(f"best: {best['trial']} ({best['metric']} = {best['value']:.4g}); "
+                  f"config: {summary['experiment']}/best_config.yaml")
+            report = write_report(summary["experiment"], metric=best["metric"])
+            print(f"report: {report['report']}")
+        else:
+            print("no trial finished; nothing to rank")
+        print(f"results: {summary['experiment']}/results.csv   tensorboard --logdir {summary['experiment']}")
         return 0
     if args.command == "report":
         from raydae.report import write_report

@@ -401,8 +401,10 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
 
     ev, scaling = config.eval, config.scaling
     started = time.time()
-    options = {"num_cpus": scaling.cpus_per_worker,
-               "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0}
+    # "DEFAULT" scheduling: inside a sweep trial, tasks would otherwise be captured by the trial's tiny
+    # placement group, where they cannot fit.
+    options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
+               "scheduling_strategy": "DEFAULT"}
 
     def submit(fn, *args):
         return ray.remote(**options)(fn).remote(*args, use_gpu=scaling.use_gpu)

@@ -75,7 +75,7 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
-              task_options: dict | None = None) -> dict:
+              task_options: dict | None = None, report_to_tune: bool = False) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
 
     Returns the stage's metrics (read back from the final checkpoint) and that checkpoint's path.
@@ -108,6 +108,8 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             storage_path=run.uri,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, settings.keep_checkpoints)),
+            # Inside a sweep's trial: forward every report to Tune, so its scheduler can stop the trial.
+            callbacks=[_tune_callback(stage)] if report_to_tune else None,
         ),
         datasets=datasets,
         # Every worker sees the whole validation split; only rank 0 evaluates it.
@@ -124,6 +126,12 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
     path = result.checkpoint.path
     uri = path if run.is_local else f"{run.uri.split('://')[0]}://{path.lstrip('/')}"
     return {"metrics": metrics, "checkpoint": uri}
+
+
+def _tune_callback(stage: str):
+    from raydae.sweep import StageReportCallback
+
+    return StageReportCallback(stage)
 
 
 def _worker_error_line(err: Exception) -> str:

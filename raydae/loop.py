@@ -115,6 +115,8 @@ def train_worker(loop_config: dict) -> None:
     window_wait = window_time = 0.0  # since the last progress line
     window_images, window_start, window_steps = 0, time.perf_counter(), 0
     sums: dict[str, float] = {}
+    report_sums: dict[str, float] = {}  # losses since the last report: what Tune's schedulers compare
+    report_steps = 0
     sample_batch = None
     started = time.perf_counter()
     trained_steps = 0
@@ -153,6 +155,8 @@ def train_worker(loop_config: dict) -> None:
             window_steps += 1  # after a resume the first window can be shorter than log_every
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
+                report_sums[key] = report_sums.get(key, 0.0) + value
+            report_steps += 1
             tock = time.perf_counter()
             step_time += tock - tick
             window_time += tock - tick
@@ -180,7 +184,9 @@ def train_worker(loop_config: dict) -> None:
                 writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
             if step % settings.checkpoint_every == 0 and step < steps:
                 _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
-                _report(task, config, stage, step, history, {"step": step, **logs}, rank)
+                means = {key: value / report_steps for key, value in report_sums.items()}
+                _report(task, config, stage, step, history, {"step": step, **means}, rank)
+                report_sums, report_steps = {}, 0
             if step >= steps:
                 break
         if not got_batch:

@@ -33,6 +33,7 @@ class RunOptions:
     overwrite: bool = False
     address: str | None = None
     stage1_from: str | None = None  # reuse a finished stage-1 checkpoint (folder or URI) for stage 2
+    report_to_tune: bool = False  # inside a sweep trial: forward each stage's reports to Ray Tune
 
 
 def default_run_name(config: Config) -> str:
@@ -137,7 +138,8 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
             if init_from != stage1_state:  # a --stage1-from checkpoint was checked at the start
                 _check_stage_compatibility(config, init_from)
         t0 = time.time()
-        result = launch.fit_stage(config, stage, run, datasets, init_from=init_from)
+        result = launch.fit_stage(config, stage, run, datasets, init_from=init_from,
+                                  report_to_tune=options.report_to_tune)
         result["wall_seconds"] = time.time() - t0
         run.write_json(marker, result)
         stage_results[stage] = result
@@ -194,7 +196,7 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         datasets = {"train": train, "val": read_latents(latents["uri"], "val")}
         t0 = time.time()
         result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
-                                  task_options=task_options)
+                                  task_options=task_options, report_to_tune=options.report_to_tune)
         result["wall_seconds"] = time.time() - t0
         run.write_json("generator.done.json", result)
 

@@ -1,7 +1,8 @@
 """Entry point that also works as a lone file: `ray submit cluster.yaml raydae/run.py -- ARGS`.
 
 `ray submit` copies only this script to the head node, so it imports the *installed* raydae package.
-`raydae run ARGS`, `python -m raydae.run ARGS` and `python raydae/run.py ARGS` are the same command.
+`raydae run ARGS`, `python -m raydae.run ARGS` and `python raydae/run.py ARGS` are the same command;
+a first argument naming another command runs that one (`raydae/run.py sweep sweeps/quick.yaml`).
 """
 
 import os
@@ -14,4 +15,6 @@ if __name__ == "__main__":
         sys.path.pop(0)
     from raydae.cli import main
 
-    sys.exit(main(["run", *sys.argv[1:]]))
+    other_commands = ("sweep", "eval", "report", "sample")
+    args = sys.argv[1:]
+    sys.exit(main(args if args[:1] and args[0] in other_commands else ["run", *args]))

@@ -121,3 +121,74 @@ def test_conv_spectral_norm_matches_the_dense_operator_and_groupnorm_gives_none(
         lipschitz_upper_bound(net)
     with pytest.warns(UserWarning, match="GroupNorm"):
         assert lipschitz_upper_bound(nn.Sequential(conv, nn.GroupNorm(1, 3)), input_shape=shape) is None
+
+
+# ---------------------------------------------------------------- feature-space glue and Inception checks
+
+
+def test_spectral_norm_product_equals_the_bound_on_a_plain_network_and_flags_groupnorm():
+    from raydae.eval.complexity import spectral_norm_product
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    assert spectral_norm_product(mlp, (6,)) == pytest.approx(lipschitz_upper_bound(mlp), rel=1e-9)
+    normed = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 3, padding=1))
+    with pytest.warns(UserWarning, match="GroupNorm"):
+        assert lipschitz_upper_bound(normed, (2, 8, 8)) is None
+    assert spectral_norm_product(normed, (2, 8, 8)) > 0  # still a comparable proxy
+
+
+def test_our_frechet_distance_agrees_with_torchmetrics_fid_on_the_same_features():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = RandomFeatureNet(seed=0, feature_dim=32)
+
+    class Features(nn.Module):
+        num_features = 32
+
+        def forward(self, x):
+            return net(x)
+
+    metric = FrechetInceptionDistance(feature=Features(), input_img_size=(3, 16, 16))
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand((200, 3, 16, 16), generator=generator) * 2 - 1
+    fake = (torch.rand((200, 3, 16, 16), generator=generator) * 2 - 1) * 0.5
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert frechet_distance(net(real), net(fake)) == pytest.approx(float(metric.compute()), rel=1e-3)
+
+
+def test_a_missing_or_wrong_hash_inception_file_is_a_clear_error(tmp_path, monkeypatch):
+    from raydae.errors import UserError
+    from raydae.eval.inception import resolve_inception_weights
+
+    with pytest.raises(UserError, match="no such file"):
+        resolve_inception_weights(str(tmp_path / "nope.pth"))
+    impostor = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    impostor.write_bytes(b"not the inception weights")
+    with pytest.raises(UserError, match="SHA-256 .* does not match"):
+        resolve_inception_weights(str(impostor))
+    # A pinned full hash of the file itself is accepted; an empty setting looks in torch hub's cache only.
+    import hashlib
+
+    assert resolve_inception_weights(str(impostor), hashlib.sha256(impostor.read_bytes()).hexdigest()) == str(impostor)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert resolve_inception_weights("") is None
+
+
+def test_inception_score_is_one_for_identical_predictions_and_k_for_k_confident_classes():
+    from raydae.eval.inception import inception_score
+
+    same = torch.zeros(100, 10)
+    assert inception_score(same, splits=2)[0] == pytest.approx(1.0)
+    confident = torch.full((96, 10), -30.0)  # 4 folds of 24: each holds 6 of every class
+    confident[torch.arange(96), torch.arange(96) % 4] = 30.0
+    assert inception_score(confident, splits=4)[0] == pytest.approx(4.0, rel=1e-6)
+
+
+def test_metric_names_say_which_features_made_them():
+    from raydae.evaluate import metric_name
+
+    assert metric_name("fd", "inception") == "fid" and metric_name("kd", "inception") == "kid"
+    assert metric_name("fd", "randfeat") == "fd_randfeat" and metric_name("fd", "shapesclf") == "fd_shapesclf"
+    assert metric_name("precision", "inception") == "precision_inception"

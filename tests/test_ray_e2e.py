@@ -120,7 +120,8 @@ def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_pa
     overrides = [f"ae.bottleneck={bottleneck}", f"generator={generator}", f"{model_key}={model}",
                  "train.stage1_steps=3", "train.stage2_steps=3", "train.checkpoint_every=100",
                  "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
-                 "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3"]
+                 "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3",
+                 "eval.enabled=true"]
     config = load_config("tiny", overrides=overrides)
     options = RunOptions(storage=str(tmp_path), name="chain")
     metrics = run_pipeline(config, options)
@@ -129,6 +130,23 @@ def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_pa
     assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 64 samples of 16x16 with 2-pixel gaps
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0
     assert list((run_dir / "tensorboard" / "generator").glob("events.out.tfevents.*"))
+    # The run ended with its evaluation, in every feature space this data set has.
+    ev = metrics["eval"]
+    assert ev["headline"] == "fd_shapesclf" and ev["samples"]["num"] == 32
+    for key in ("fd_shapesclf", "fd_randfeat", "kd_randfeat", "precision_randfeat", "recall_shapesclf"):
+        assert ev["samples"][key] >= 0
+    assert abs(sum(ev["samples"]["class_fractions"].values()) - 1) < 1e-6
+    assert set(ev["reconstruction"]) == {"aux_decoder", "decoder"}
+    assert ev["reconstruction"]["decoder"]["mse"] > 0 and ev["reconstruction"]["decoder"]["fd_randfeat"] > 0
+    complexity = ev["complexity"]
+    assert complexity["decoder"]["flops_per_image"] > complexity["aux_decoder"]["flops_per_image"] > 0
+    assert complexity["generator"]["flops_per_sample"] > complexity["generator"]["flops_per_forward"] > 0
+    assert complexity["decoder"]["lipschitz_upper_bound"] is None  # GroupNorm: no true bound, and it says so
+    assert "GroupNorm" in complexity["decoder"]["lipschitz_upper_bound_note"]
+    assert ev["latent_distance"]["steps"] == 5
+    assert list((tmp_path / "eval_cache").glob("classifier-*.pt"))
+    assert json.loads((run_dir / "metrics.json").read_text())["eval"]["headline"] == "fd_shapesclf"
+
     images = sample_run(str(run_dir), n=5, out=str(tmp_path / "g.png"), out_dir=None, seed=7, steps=2, cfg=None)
     again = sample_run(str(run_dir), n=5, out=None, out_dir=None, seed=7, steps=2, cfg=None)
     assert images.shape == (5, 3, 16, 16) and torch.equal(images, again)
@@ -141,3 +159,21 @@ def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_pa
     for step in ("stage1", "stage2", "generator"):
         assert f"[{step}] already finished; skipping" in out
     assert (run_dir / "DONE").exists()
+
+
+def test_eval_command_scores_a_finished_run_and_report_draws_it(dae_run, tmp_path, capsys):
+    from raydae.cli import main
+
+    run_dir = dae_run[3]
+    assert main(["eval", str(run_dir), "--set", "ae.latent_channels=3"]) == 2
+    assert "only takes eval.* settings" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--set", "eval.num_reconstructions=16", "--set", "eval.classifier_steps=0",
+                 "--set", "eval.latent_distance_steps=0"]) == 0
+    ev = json.loads((run_dir / "metrics.json").read_text())["eval"]
+    assert "samples" not in ev  # no generator in this run
+    assert ev["headline"] == "fd_randfeat" and ev["reconstruction"]["decoder"]["images"] == 16
+    assert ev["real_vs_real"]["fd_randfeat"] >= 0 and ev["complexity"]["encoder"]["parameters"] > 0
+    assert "stages" in json.loads((run_dir / "metrics.json").read_text())  # the rest is kept
+
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").exists() and (run_dir / "report" / "loss_curves.png").exists()
