@@ -143,7 +143,7 @@ def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_pa
     assert complexity["generator"]["flops_per_sample"] > complexity["generator"]["flops_per_forward"] > 0
     assert complexity["decoder"]["lipschitz_upper_bound"] is None  # GroupNorm: no true bound, and it says so
     assert "GroupNorm" in complexity["decoder"]["lipschitz_upper_bound_note"]
-    assert ev["latent_distance"]["steps"] == 5
+    assert ev["latent_distance"]["decoder_steps"] == 5 and "real_vs_real" in ev["latent_distance"]
     assert list((tmp_path / "eval_cache").glob("classifier-*.pt"))
     assert json.loads((run_dir / "metrics.json").read_text())["eval"]["headline"] == "fd_shapesclf"
 

@@ -1,0 +1,169 @@
+"""Sweeps: the sweep file's checks (no Ray), and tiny Ray Tune sweeps with ASHA, interruption and resume."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydae.config import load_config
+from raydae.errors import UserError
+from raydae.sweep import metric_value, parse_sweep, trial_config, trial_name
+
+# Seconds-long trials: tiny DAE stages and an 8-step DiT that reports every 2 steps (ASHA's rungs).
+TINY_BASE = {
+    "preset": "tiny",
+    "set": {
+        "train.stage1_steps": 3, "train.stage2_steps": 3, "train.checkpoint_every": 100,
+        "generator": "dit", "dit.sample_steps": 2, "generator_train.steps": 8,
+        "generator_train.batch_size": 16, "generator_train.checkpoint_every": 2, "generator_train.log_every": 2,
+        "generator_train.warmup_steps": 0,
+    },
+}
+
+
+def _sweep(**overrides) -> dict:
+    spec = {"name": "s", "base": TINY_BASE, "search": {"ae.aux_decoder.width": {"grid": [0.5, 1.0]}},
+            "metric": "generator.diffusion_loss", "mode": "min"}
+    spec.update(overrides)
+    return spec
+
+
+# ------------------------------------------------------------------------------------ no Ray
+def test_sweep_file_mistakes_are_named():
+    with pytest.raises(UserError, match="unknown key.*serach"):
+        parse_sweep({**_sweep(), "serach": {}})
+    with pytest.raises(UserError, match="exactly one of grid, choice"):
+        parse_sweep(_sweep(search={"train.lr": {"between": [1, 2]}}))
+    with pytest.raises(UserError, match=r"\[low, high\]"):
+        parse_sweep(_sweep(search={"train.lr": {"loguniform": [1e-3, 1e-4]}}))
+    with pytest.raises(UserError, match="ae.latent_chanels"):  # a field that does not exist, named
+        parse_sweep(_sweep(search={"ae.latent_chanels": {"grid": [2, 4]}}))
+    with pytest.raises(UserError, match="ae.latent_channels"):  # a value the field cannot take
+        parse_sweep(_sweep(search={"ae.latent_channels": {"grid": ["many"]}}))
+    with pytest.raises(UserError, match="asha compares trials on the generator"):
+        parse_sweep(_sweep(base={"preset": "tiny"}, scheduler={"type": "asha"}))
+
+
+def test_trial_names_are_deterministic_and_configs_carry_the_parameters():
+    spec = parse_sweep(_sweep(resources={"num_workers": 1, "cpus_per_worker": 1}))
+    params = {"ae.aux_decoder.width": 0.5, "ae.latent_channels": 4}
+    assert trial_name(params) == trial_name(dict(reversed(list(params.items()))))
+    assert trial_name(params).startswith("aux_decoder.width=0.5,latent_channels=4-")
+    assert trial_name(params) != trial_name({**params, "ae.latent_channels": 2})
+    config = trial_config(spec, params)
+    assert config.ae.aux_decoder.width == 0.5 and config.ae.latent_channels == 4
+    assert config.generator_train.steps == 8  # the base's own overrides
+
+
+def test_metric_lookup_by_name_or_path():
+    metrics = {"eval": {"samples": {"fd_randfeat": 3.5}}, "generator": {"diffusion_loss": 0.9}}
+    assert metric_value(metrics, "fd_randfeat") == 3.5
+    assert metric_value(metrics, "generator.diffusion_loss") == 0.9
+    assert metric_value(metrics, "fid") is None and metric_value(metrics, "generator.nope") is None
+
+
+def test_shipped_sweep_files_parse():
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    for path in sorted(root.glob("*.yaml")):
+        spec = parse_sweep(yaml.safe_load(path.read_text()), str(path))
+        assert spec.search and spec.metric
+
+
+# ---------------------------------------------------------------------------------- with Ray
+
+
+def _write(tmp_path: Path, spec: dict) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _train_processes(timeout: float = 30.0) -> list[str]:
+    """Ray Train worker and controller processes still alive (Ray titles its processes `ray::<Actor>`)."""
+    deadline = time.time() + timeout
+    while True:
+        listing = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout.splitlines()
+        alive = [line for line in listing if line.startswith(("ray::RayTrainWorker", "ray::TrainController"))]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tmp_path):
+    from raydae.sweep import run_sweep
+
+    # One trial at a time, so ASHA's comparison is deterministic: the second trial (a learning rate so
+    # large that Adam throws the DiT's weights about) reaches the rung after the first and is far worse.
+    spec = _sweep(search={"generator_train.lr": {"grid": [1e-3, 0.5]}},
+                  scheduler={"type": "asha", "grace_period": 4, "reduction_factor": 2}, max_concurrent=1)
+    summary = run_sweep(_write(tmp_path, spec), storage=str(tmp_path / "sweeps"))
+    experiment = tmp_path / "sweeps" / "s"
+    status = {row["generator_train.lr"]: row["status"] for row in summary["trials"]}
+    assert status == {1e-3: "finished", 0.5: "stopped"}
+    assert summary["best"]["generator_train.lr"] == 1e-3
+    rows = list(csv.DictReader(open(experiment / "results.csv")))
+    assert [row["status"] for row in rows] == ["finished", "stopped"]
+    assert float(rows[0]["value"]) == pytest.approx(summary["best"]["value"])
+    best = load_config(None, [str(experiment / "best_config.yaml")])
+    assert best.generator_train.lr == 1e-3 and best.generator_train.steps == 8
+    # The stopped trial's Train workers and controller are gone. (Their placement group is removed by
+    # Ray Train's PlacementGroupCleaner, which needs the dashboard's State API: with `raydae`'s embedded
+    # Ray every CPU was free again within 2 s; this test session runs without a dashboard.)
+    assert _train_processes() == []
+    stopped_run = experiment / "runs" / trial_name({"generator_train.lr": 0.5})
+    assert not (stopped_run / "DONE").exists() and (stopped_run / "stage2.done.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(500)
+def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_trial(ray_session, tmp_path):
+    from raydae.sweep import run_sweep
+
+    # Autoencoder stages only (no generator), so the two trials are quick; ranked by reconstruction.
+    base = {"preset": "tiny", "set": {"train.stage1_steps": 3, "train.stage2_steps": 3, "train.checkpoint_every": 2}}
+    spec = _sweep(base=base, metric="stages.stage2.val_mse", max_concurrent=1)
+    path = _write(tmp_path, spec)
+    storage = tmp_path / "sweeps"
+    first = storage / "s" / "runs" / trial_name({"ae.aux_decoder.width": 0.5})
+    second = storage / "s" / "runs" / trial_name({"ae.aux_decoder.width": 1.0})
+    # A driver in its own process, on the shared cluster, killed once the first trial has finished.
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raydae.cli", "sweep", path, "--storage", str(storage), "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (first / "DONE").exists() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert (first / "DONE").exists(), "the first trial did not finish"
+        time.sleep(2)  # let Tune record the first trial as finished
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (second / "DONE").exists()
+    finished_at = (first / "DONE").stat().st_mtime
+    stage1_checkpoints = sorted(p.name for p in (first / "stage1").glob("checkpoint_*"))
+
+    summary = run_sweep(path, resume=True, storage=str(storage))
+    assert {row["status"] for row in summary["trials"]} == {"finished"} and len(summary["trials"]) == 2
+    assert (first / "DONE").stat().st_mtime == finished_at  # not run again
+    assert sorted(p.name for p in (first / "stage1").glob("checkpoint_*")) == stage1_checkpoints
+    assert (second / "DONE").exists()
+    with pytest.raises(UserError, match="different sweep file"):
+        run_sweep(_write(tmp_path, {**spec, "max_concurrent": 2}), storage=str(storage))
+
+
+def test_resume_of_a_sweep_that_never_ran_is_refused(tmp_path):
+    from raydae.sweep import run_sweep
+
+    with pytest.raises(UserError, match="no sweep at"):
+        run_sweep(_write(tmp_path, _sweep()), resume=True, storage=str(tmp_path / "none"))
