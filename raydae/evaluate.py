@@ -483,7 +483,26 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     if "distance" in results:
         out["latent_distance"] = results["distance"]
     out["wall_seconds"] = time.time() - started
+    _to_tensorboard(run, out)
     return out
+
+
+def _to_tensorboard(run: RunFolder, results: dict) -> None:
+    """Scalars under eval/... in `<run>/tensorboard/eval`, beside the stages' curves (local runs)."""
+    if not run.is_local:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    def flat(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield f"{prefix}{key}", value
+
+    with SummaryWriter(run.child("tensorboard", "eval")) as writer:
+        for tag, value in flat({k: v for k, v in results.items() if k != "features"}, "eval/"):
+            writer.add_scalar(tag, value, 0)
 
 
 def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> dict:

@@ -42,8 +42,48 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
         num_cpus = max(num_cpus, needed)
     # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
     # logs "State API may be temporarily unavailable" every few seconds (RAY.md).
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
     return True
+
+
+def check_storage_is_shared(storage: str) -> None:
+    """On a multi-node cluster, a storage *path* must be one folder every node sees (NFS, a shared mount).
+
+    Checked before training: a path that exists only on the head would make workers write checkpoints
+    where nobody finds them, and lose a run on the first node failure. URIs (s3://, gs://) are shared.
+    """
+    if "://" in storage:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    import uuid
+
+    folder = os.path.abspath(os.path.expanduser(storage))
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, f".raydae-storage-check-{uuid.uuid4().hex[:12]}")
+    open(marker, "w").close()
+    try:
+        unseen = [node["NodeManagerAddress"] for node, seen in zip(nodes, _probe_nodes(nodes, marker)) if not seen]
+    finally:
+        os.remove(marker)
+    if unseen:
+        raise UserError(
+            f"storage {folder} is not shared: {len(unseen)} of {len(nodes)} nodes ({', '.join(unseen[:3])}) cannot "
+            "see it; give --storage a folder every node mounts (NFS) or a bucket (s3://BUCKET/PATH)"
+        )
+
+
+def _probe_nodes(nodes: list[dict], path: str) -> list[bool]:
+    """Whether `path` exists, as seen from each node (a zero-CPU task pinned to it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    exists = ray.remote(num_cpus=0)(os.path.exists)
+    return ray.get([
+        exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path)
+        for node in nodes
+    ])
 
 
 def check_resources(config: Config, local: bool) -> None:

@@ -107,6 +107,7 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     check_source(config.data)  # a missing data path fails before Ray starts
     local_ray = launch.connect(options.address, config)
     launch.check_resources(config, local_ray)
+    launch.check_storage_is_shared(options.storage)
     started = time.time()
     bundle = build_datasets(config.data)  # bad data stops here, before the run folder is touched
     run.make()

@@ -323,6 +323,7 @@ def run_sweep(path: str, resume: bool = False, address: str | None = None, stora
     probe.scaling.num_workers = max(1, math.ceil(per_trial * spec.max_concurrent) - 1)
     probe.scaling.cpus_per_worker = 1
     launch.connect(address, probe)
+    launch.check_storage_is_shared(spec.storage)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # stage reports before the generator lack ASHA's metric
     root.make()
     root.write_text("sweep.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))

@@ -15,11 +15,11 @@ from raydae.config import load_config
 from raydae.errors import UserError
 from raydae.sweep import metric_value, parse_sweep, trial_config, trial_name
 
-# Seconds-long trials: tiny DAE stages and an 8-step DiT that reports every 2 steps (ASHA's rungs).
+# Seconds-long trials: one tiny autoencoder stage and an 8-step DiT that reports every 2 steps (ASHA's rungs).
 TINY_BASE = {
     "preset": "tiny",
     "set": {
-        "train.stage1_steps": 3, "train.stage2_steps": 3, "train.checkpoint_every": 100,
+        "train.mode": "joint", "train.joint_steps": 3, "train.checkpoint_every": 100,
         "generator": "dit", "dit.sample_steps": 2, "generator_train.steps": 8,
         "generator_train.batch_size": 16, "generator_train.checkpoint_every": 2, "generator_train.log_every": 2,
         "generator_train.warmup_steps": 0,
@@ -84,12 +84,14 @@ def _write(tmp_path: Path, spec: dict) -> str:
     return str(path)
 
 
-def _train_processes(timeout: float = 30.0) -> list[str]:
-    """Ray Train worker and controller processes still alive (Ray titles its processes `ray::<Actor>`)."""
+def _train_processes(ignore: frozenset = frozenset(), timeout: float = 30.0) -> list[str]:
+    """Ray Train worker and controller processes alive, except `ignore` (Ray titles them `ray::<Actor>`)."""
     deadline = time.time() + timeout
     while True:
-        listing = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout.splitlines()
-        alive = [line for line in listing if line.startswith(("ray::RayTrainWorker", "ray::TrainController"))]
+        listing = subprocess.run(["ps", "-eo", "pid=,cmd="], capture_output=True, text=True).stdout.splitlines()
+        alive = [line.strip() for line in listing
+                 if line.split(None, 1)[-1].startswith(("ray::RayTrainWorker", "ray::TrainController"))]
+        alive = [line for line in alive if line.split()[0] not in ignore]
         if not alive or time.time() > deadline:
             return alive
         time.sleep(1)
@@ -104,6 +106,7 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     # large that Adam throws the DiT's weights about) reaches the rung after the first and is far worse.
     spec = _sweep(search={"generator_train.lr": {"grid": [1e-3, 0.5]}},
                   scheduler={"type": "asha", "grace_period": 4, "reduction_factor": 2}, max_concurrent=1)
+    before = frozenset(line.split()[0] for line in _train_processes(timeout=0))  # earlier tests' idle actors
     summary = run_sweep(_write(tmp_path, spec), storage=str(tmp_path / "sweeps"))
     experiment = tmp_path / "sweeps" / "s"
     status = {row["generator_train.lr"]: row["status"] for row in summary["trials"]}
@@ -117,9 +120,9 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     # The stopped trial's Train workers and controller are gone. (Their placement group is removed by
     # Ray Train's PlacementGroupCleaner, which needs the dashboard's State API: with `raydae`'s embedded
     # Ray every CPU was free again within 2 s; this test session runs without a dashboard.)
-    assert _train_processes() == []
+    assert _train_processes(ignore=before) == []
     stopped_run = experiment / "runs" / trial_name({"generator_train.lr": 0.5})
-    assert not (stopped_run / "DONE").exists() and (stopped_run / "stage2.done.json").exists()
+    assert not (stopped_run / "DONE").exists() and (stopped_run / "joint.done.json").exists()
 
 
 @pytest.mark.ray

@@ -1,0 +1,89 @@
+"""Job submission against a local head with token authentication on (Ray 2.60's default), as the README says."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+HEAD = """
+import sys, time, ray
+ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[1]))
+print("HEAD UP", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _status(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.fixture(scope="module")
+def head():
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    process = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if _status(f"http://127.0.0.1:{port}/api/version", None) in (200, 401, 403):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the local head's dashboard did not come up")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_the_job_server_refuses_requests_without_the_token(head):
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    assert _status(f"{head}/api/jobs/", None) == 401
+    assert _status(f"{head}/api/jobs/", "not-the-token") == 403
+    assert _status(f"{head}/api/jobs/", token) == 200
+
+
+def test_ray_job_submit_works_with_the_token_as_the_readme_says(head, tmp_path):
+    (tmp_path / "hello.py").write_text("import raydae.config; print('raydae job ran')\n")
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    command = [ray_cli, "job", "submit", "--address", head, "--working-dir", str(tmp_path), "--",
+               sys.executable, "hello.py"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run(command, env=base, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    for _ in range(20):  # a fresh head's job agent takes a few seconds to register
+        accepted = subprocess.run(command, env={**base, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                                  timeout=180)
+        if "No available agent" not in accepted.stdout + accepted.stderr:
+            break
+        time.sleep(3)
+    assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
+    assert "raydae job ran" in accepted.stdout
