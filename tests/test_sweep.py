@@ -131,8 +131,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_trial(ray_ses
     from raydae.sweep import run_sweep
 
     # Autoencoder stages only (no generator), so the two trials are quick; ranked by reconstruction.
-    base = {"preset": "tiny", "set": {"train.stage1_steps": 3, "train.stage2_steps": 3, "train.checkpoint_every": 2}}
-    spec = _sweep(base=base, metric="stages.stage2.val_mse", max_concurrent=1)
+    base = {"preset": "tiny", "set": {"train.mode": "joint", "train.joint_steps": 4, "train.checkpoint_every": 2}}
+    spec = _sweep(base=base, metric="stages.joint.val_mse", max_concurrent=1)
     path = _write(tmp_path, spec)
     storage = tmp_path / "sweeps"
     first = storage / "s" / "runs" / trial_name({"ae.aux_decoder.width": 0.5})
@@ -154,12 +154,12 @@ def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_trial(ray_ses
         driver.wait()
     assert not (second / "DONE").exists()
     finished_at = (first / "DONE").stat().st_mtime
-    stage1_checkpoints = sorted(p.name for p in (first / "stage1").glob("checkpoint_*"))
+    checkpoints = sorted(p.name for p in (first / "joint").glob("checkpoint_*"))
 
     summary = run_sweep(path, resume=True, storage=str(storage))
     assert {row["status"] for row in summary["trials"]} == {"finished"} and len(summary["trials"]) == 2
     assert (first / "DONE").stat().st_mtime == finished_at  # not run again
-    assert sorted(p.name for p in (first / "stage1").glob("checkpoint_*")) == stage1_checkpoints
+    assert sorted(p.name for p in (first / "joint").glob("checkpoint_*")) == checkpoints
     assert (second / "DONE").exists()
     with pytest.raises(UserError, match="different sweep file"):
         run_sweep(_write(tmp_path, {**spec, "max_concurrent": 2}), storage=str(storage))

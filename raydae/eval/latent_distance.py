@@ -105,7 +105,7 @@ def estimate_latent_distance(
     decoder_steps: int = 300,
     critic_steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 2e-4,
+    lr: float = 5e-4,
     critic_lr: float = 2e-3,
     reconstruction_weight: float = 1.0,
     critic_channels: int = 32,
