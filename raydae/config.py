@@ -198,6 +198,8 @@ class EvalConfig:
     randfeat_seed: int = 0
     randfeat_dim: int = 256
     classifier_steps: int = 1500  # builtin:shapes: the project's own classifier (features, class mix)
+    # A classifier below this held-out accuracy is not used (its features would measure nothing).
+    min_classifier_accuracy: float = 0.6
     knn_k: int = 3  # precision/recall manifolds
     kid_subsets: int = 10
     kid_subset_size: int = 1000

@@ -354,8 +354,15 @@ def feature_spec(config: Config, cache: RunFolder, images: dict, num_classes: in
             print(f"[eval] trained the shapes classifier in {time.time() - t0:.0f}s "
                   f"(val accuracy {info.get('val_accuracy', float('nan')):.3f}); cached in {cache.child(name)}",
                   flush=True)
+        accuracy = info.get("val_accuracy", float("nan"))
         described[CLASSIFIER] = (f"penultimate features of raydae's shapes classifier ({ev.classifier_steps} steps, "
-                                 f"val accuracy {info.get('val_accuracy', float('nan')):.3f})")
+                                 f"val accuracy {accuracy:.3f})")
+        if not accuracy >= ev.min_classifier_accuracy:
+            print(f"[eval] the shapes classifier reached only {accuracy:.3f} val accuracy (< eval.min_classifier_"
+                  f"accuracy {ev.min_classifier_accuracy}); not scoring in its feature space. More data or "
+                  "eval.classifier_steps would help", flush=True)
+            described[CLASSIFIER] = f"not used: {described[CLASSIFIER]} is below eval.min_classifier_accuracy"
+            classifier = None
     spec = FeatureSpec(ev.randfeat_seed, ev.randfeat_dim, classifier, inception)
     return spec, described
 
