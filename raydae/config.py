@@ -207,7 +207,7 @@ class EvalConfig:
     # Latent-data distance (docs/latent_distance.md): a decoder of this class trained on the frozen
     # latents against a critic of fixed capacity. 0 steps skips it.
     latent_distance_steps: int = 300
-    latent_distance_critic_steps: int = 200
+    latent_distance_critic_steps: int = 1000  # fewer left the critic short of its sup (docs/latent_distance.md)
     latent_distance_images: int = 4000
     seed: int = 0
 
