@@ -14,14 +14,6 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
-HEAD = """
-import sys, time, ray
-ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[1]))
-print("HEAD UP", flush=True)
-while True:
-    time.sleep(1)
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -42,8 +34,15 @@ def _status(url: str, token: str | None) -> int:
 def head():
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    process = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    # A real head, as on a cluster (`ray start --block` stops it when killed), on ports of its own: the test
+    # session's Ray already holds the default dashboard-agent port, without which jobs cannot be submitted.
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    process = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
+         f"--port={_free_port()}", f"--dashboard-port={port}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
