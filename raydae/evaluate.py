@@ -302,9 +302,7 @@ def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, cr
     result = estimate_latent_distance(
         lambda: build_decoder(config.ae, config.ae.decoder), z_train, x_train, z_val, x_val,
         decoder_steps=steps, critic_steps=critic_steps, seed=seed, device=str(device))
-    import dataclasses
-
-    return {"decoder": "decoder", **dataclasses.asdict(result)}
+    return {"decoder": "decoder", **result.as_dict()}
 
 
 # --------------------------------------------------------------------------------------- driver
