@@ -307,12 +307,9 @@ def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, cr
 
 # --------------------------------------------------------------------------------------- driver
 def _data_key(config: Config, *parts) -> str:
-    from raydae.latents import _source_fingerprint
+    from raydae.latents import data_fingerprint
 
-    data = dict(config.data.__dict__)
-    for ignored in ("on_bad_file", "shuffle_buffer"):  # neither changes which images come first
-        data.pop(ignored, None)
-    text = json.dumps([data, _source_fingerprint(config.data.source), *parts], sort_keys=True, default=str)
+    text = json.dumps([data_fingerprint(config.data), *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -400,6 +397,20 @@ def _class_metrics(real: dict, fake: dict, label_names: list[str]) -> dict:
     return out
 
 
+def run_bounded(jobs: dict, limit: int, options: dict, **kwargs) -> dict:
+    """Run `{key: (fn, *args)}` as Ray tasks, at most `limit` at a time; returns `{key: result}`."""
+    import ray
+
+    queue, running, results = list(jobs.items()), {}, {}
+    while queue or running:
+        while queue and len(running) < limit:
+            key, (fn, *args) = queue.pop(0)
+            running[ray.remote(**options)(fn).remote(*args, **kwargs)] = key
+        done, _ = ray.wait(list(running), num_returns=1)
+        results[running.pop(done[0])] = ray.get(done[0])
+    return results
+
+
 def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     """Everything `eval` measures for a run whose stages (and generator) finished. Ray must be up."""
     import ray
@@ -413,11 +424,13 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
                "scheduling_strategy": "DEFAULT"}
 
-    def submit(fn, *args):
-        return ray.remote(**options)(fn).remote(*args, use_gpu=scaling.use_gpu)
+    # At most one task per slot the run trained with (its workers plus the one Ray Data used): a sweep's
+    # embedded cluster is sized for exactly that, and a finished trial's evaluation must not starve the
+    # trial still training beside it.
+    slots = scaling.num_workers + 1
 
     def remote(fn, *args):
-        return ray.get(submit(fn, *args))
+        return ray.get(ray.remote(**options)(fn).remote(*args, use_gpu=scaling.use_gpu))
 
     # Every image any task needs, read once by the driver and shared through the object store.
     train_needed = max(ev.num_real, ev.latent_distance_images if ev.latent_distance_steps > 0 else 0,
@@ -432,36 +445,35 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     stages = {s: run.read_json(f"{s}.done.json")["checkpoint"] for s in config.stages()}
     roles = {"aux_decoder": stages["stage1"], "decoder": stages["stage2"]} if config.train.mode == "dae" \
         else {"decoder": stages["joint"]}
-    pending = {"recon": submit(reconstruct_and_measure, roles, images["val"], ev.num_reconstructions, spec,
-                               ev.batch_size, ev.lipschitz_latents, ev.seed)}
+    jobs = {"recon": (reconstruct_and_measure, roles, images["val"], ev.num_reconstructions, spec,
+                      ev.batch_size, ev.lipschitz_latents, ev.seed)}
     real_name = f"real-{_data_key(config, ev.num_real, spec.identity())}.npz"
     if not cache.exists(real_name):
-        pending["real"] = submit(embed_real, images["train"], ev.num_real, spec, ev.batch_size)
+        jobs["real"] = (embed_real, images["train"], ev.num_real, spec, ev.batch_size)
     generator_uri = run.read_json("generator.done.json")["checkpoint"] if run.exists("generator.done.json") else None
-    chunks = []
     if generator_uri:
         tasks = ev.sample_tasks or scaling.num_workers
         size = -(-ev.num_samples // tasks)
         for i, start in enumerate(range(0, ev.num_samples, size)):
-            chunks.append(submit(sample_and_embed, generator_uri, start, min(size, ev.num_samples - start), ev.seed,
-                                 spec, ev.batch_size, i == 0))
+            jobs[f"samples{i}"] = (sample_and_embed, generator_uri, start, min(size, ev.num_samples - start),
+                                   ev.seed, spec, ev.batch_size, i == 0)
     if ev.latent_distance_steps > 0:
-        pending["distance"] = submit(latent_distance, roles["decoder"], images["train"], images["val"],
-                                     ev.latent_distance_images, ev.latent_distance_steps,
-                                     ev.latent_distance_critic_steps, ev.seed)
+        jobs["distance"] = (latent_distance, roles["decoder"], images["train"], images["val"],
+                            ev.latent_distance_images, ev.latent_distance_steps,
+                            ev.latent_distance_critic_steps, ev.seed)
 
-    results = {key: ray.get(ref) for key, ref in pending.items()}
+    results = run_bounded(jobs, slots, options, use_gpu=scaling.use_gpu)
     if "real" in results:
         cache.write_bytes(real_name, _save_arrays(results["real"]))
         real = results["real"]
     else:
         real = _load_arrays(cache.read_bytes(real_name))
     recon = results["recon"]
+    parts = [results[key] for key in jobs if key.startswith("samples")]
 
     out: dict = {"features": described, "num_real": len(real[RANDFEAT])}
     out["headline"] = next(metric for space, metric in HEADLINE_ORDER if space in spec.spaces)
     if generator_uri:
-        parts = [ray.get(ref) for ref in chunks]
         fake_bank = FeatureBank()
         for part in parts:
             fake_bank.add(part["features"])

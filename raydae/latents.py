@@ -38,11 +38,18 @@ def encoder_key(state: dict, config: Config) -> str:
         for name, tensor in sorted(state["models"][module].items()):
             digest.update(f"{module}.{name}".encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    data = config.data
-    digest.update(json.dumps([data.source, data.image_size, data.train_size, data.val_size,
-                              data.val_fraction, data.seed, data.max_shapes]).encode())
-    digest.update(_source_fingerprint(data.source).encode())
+    digest.update(data_fingerprint(config.data).encode())
     return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data) -> str:
+    """Which images a `DataConfig` yields, in which order: its settings and what is in a folder source now.
+
+    Shared by every cache keyed on the data (latents here, evaluation's real-image features)."""
+    settings = dict(data.__dict__)
+    for ignored in ("on_bad_file", "shuffle_buffer"):  # neither changes which images come, nor their split
+        settings.pop(ignored, None)
+    return json.dumps([settings, _source_fingerprint(data.source)], sort_keys=True, default=str)
 
 
 def _source_fingerprint(source: str) -> str:

@@ -169,7 +169,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
 
 
 def _tune_callback(stage: str):
-    from raydae.sweep import StageReportCallback
+    from raydae.tune_callback import StageReportCallback
 
     return StageReportCallback(stage)
 

@@ -27,11 +27,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+import typing
 from typing import Any
 
 import yaml
 
-from raydae.config import Config, apply_override, load_config
+from raydae.config import Config, apply_override, coerce, load_config
 from raydae.errors import UserError
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -124,8 +125,9 @@ def _section(cls, data, where: str):
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.__dataclass_fields__)}")
     out = cls()
-    for key, value in data.items():
-        setattr(out, key, type(getattr(out, key))(value))
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():  # the config tree's own checks: "false" is no boolean, 1.5 no integer
+        setattr(out, key, coerce(value, hints[key], f"{where}.{key}"))
     return out
 
 
@@ -201,32 +203,6 @@ def trial_name(params: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- inside a trial
-def _tune_callback_class():
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class StageReportCallback(TuneReportCallback):
-        """Tune's Train callback, adding what the sweep's scheduler compares: generator step and loss."""
-
-        def __init__(self, stage: str):
-            super().__init__()
-            self.stage = stage
-
-        def after_report(self, run_context, metrics, checkpoint):
-            metrics = [dict(m) for m in metrics]
-            first = metrics[0]
-            first["stage"] = self.stage
-            if self.stage == "generator" and "loss/total" in first:
-                first[ASHA_TIME] = first.get("step", 0)
-                first[ASHA_METRIC] = first["loss/total"]
-            super().after_report(run_context, metrics, checkpoint)
-
-    return StageReportCallback
-
-
-def StageReportCallback(stage: str):  # noqa: N802 - reads like the class it builds
-    return _tune_callback_class()(stage)
-
-
 def metric_value(metrics: dict, metric: str):
     """`fd_shapesclf` looks in eval.samples; a dotted path (`generator.diffusion_loss`) anywhere."""
     if "." not in metric:
