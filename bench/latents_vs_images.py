@@ -44,7 +44,8 @@ def main() -> None:
     if config.generator == "none":
         raise SystemExit("the preset trains no generator; pass --set generator=dit (or vq_prior)")
     torch.set_num_threads(max(1, config.scaling.torch_threads or 1))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": always a new embedded Ray, never a stale cluster left in /tmp/ray.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     torch.manual_seed(0)
     autoencoder = AutoencoderTask(config, "stage2")
     autoencoder.prepare(torch.device("cpu"))

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None,
                        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
+    study = sub.add_parser("study", parents=[debug],
+                           help="DAE vs joint training over paired seeds (a sweep file with a study: section, see studies/)")
+    study.add_argument("file", help="study YAML file, e.g. studies/cpu_shapes.yaml")
+    study.add_argument("--resume", action="store_true", help="continue the study of this name (as re-running does)")
+    study.add_argument("--storage", default=None, help="where the experiment folder goes (default: the file's storage)")
+    study.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
     sub.add_parser("presets", help="list the built-in presets")
     show = sub.add_parser("config", parents=[debug], help="print the resolved config as YAML")
     add_config_arguments(show)
@@ -146,10 +154,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(metrics["eval"], indent=2, default=str))
         print(f"\nresults: {args.run_dir.rstrip('/')}/metrics.json (key: eval)")
         return 0
-    if args.command == "sweep":
+    if args.command in ("sweep", "study"):
         from raydae.report import write_report
-        from raydae.sweep import run_sweep
+        from raydae.sweep import load_sweep, run_sweep
 
+        if args.command == "study" and not load_sweep(args.file).study:
+            raise UserError(f"{args.file} has no `study:` section; run it with `raydae sweep`, or see studies/")
         summary = run_sweep(args.file, resume=args.resume, address=args.address, storage=args.storage)
         for row in summary["trials"]:
             value = "" if row["value"] is None else f"{row['metric']} {row['value']:.4g}"
@@ -162,6 +172,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"report: {report['report']}")
         else:
             print("no trial finished; nothing to rank")
+        if "study" in summary:
+            print(summary["study"]["markdown"])
+            print(f"study: {summary['experiment']}/study.md (and study.json)")
         print(f"results: {summary['experiment']}/results.csv   tensorboard --logdir {summary['experiment']}")
         return 0
     if args.command == "report":

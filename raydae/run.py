@@ -15,6 +15,6 @@ if __name__ == "__main__":
         sys.path.pop(0)
     from raydae.cli import main
 
-    other_commands = ("sweep", "eval", "report", "sample")
+    other_commands = ("sweep", "study", "eval", "report", "sample")
     args = sys.argv[1:]
     sys.exit(main(args if args[:1] and args[0] in other_commands else ["run", *args]))

@@ -71,6 +71,14 @@ class SweepSpec:
     max_concurrent: int = 2
     resources: Resources = field(default_factory=Resources)
     storage: str = "runs/sweeps"
+    # A study (raydae/study.py): arms x paired seeds, compared with a baseline arm. Empty for a plain sweep.
+    study: dict = field(default_factory=dict)
+
+    def space(self) -> dict:
+        """The search the trials span: a study's arms x seeds (each pair sharing train.seed), then `search`."""
+        if not self.study:
+            return self.search
+        return {ARM_KEY: {"grid": list(self.study["arms"])}, SEED_KEY: {"grid": self.study["seeds"]}, **self.search}
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -111,10 +119,50 @@ def parse_sweep(data: dict, where: str = "sweep") -> SweepSpec:
     for key in ("num_samples", "max_concurrent"):
         if key in data:
             setattr(spec, key, int(data[key]))
+    if data.get("study") is not None:
+        spec.study = _parse_study(data["study"], f"{where}: study")
+        if SEED_KEY in spec.search or ARM_KEY in spec.search:
+            raise UserError(f"{where}: search: {SEED_KEY} and {ARM_KEY} are set by the study section; remove them")
     spec.scheduler = _section(Scheduler, data.get("scheduler"), f"{where}: scheduler")
     spec.resources = _section(Resources, data.get("resources"), f"{where}: resources")
     validate_sweep(spec, where)
     return spec
+
+
+ARM_KEY = "study.arm"  # a study's search key naming the arm; it is no config field
+SEED_KEY = "train.seed"  # the pairing of a study: every arm runs every seed
+
+
+def _parse_study(data, where: str) -> dict:
+    from raydae.study import DEFAULT_METRICS
+
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: must be a mapping with arms, seeds, baseline")
+    unknown = sorted(set(data) - {"arms", "seeds", "baseline", "metrics"})
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: arms, seeds, baseline, metrics")
+    arms = data.get("arms")
+    if not isinstance(arms, dict) or len(arms) < 2:
+        raise UserError(f"{where}: arms: give at least two named arms, e.g. joint: {{set: {{train.mode: joint}}}}")
+    clean = {}
+    for name, arm in arms.items():
+        arm = arm or {}
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or not isinstance(arm, dict) \
+                or set(arm) - {"label", "set"}:
+            raise UserError(f"{where}: arms.{name}: an arm is a name (letters, digits, _ . -) with `label:` and "
+                            "`set:` (dotted config overrides)")
+        clean[str(name)] = {"label": str(arm.get("label", name)), "set": dict(arm.get("set") or {})}
+    seeds = data.get("seeds")
+    if not isinstance(seeds, list) or len(seeds) < 2 or not all(isinstance(x, int) for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds: give a list of at least two distinct integers (STUDY.md asks for >= 4)")
+    baseline = str(data.get("baseline", ""))
+    if baseline not in clean:
+        raise UserError(f"{where}: baseline: {baseline!r} is not one of the arms ({', '.join(clean)})")
+    metrics = data.get("metrics") or list(DEFAULT_METRICS)
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise UserError(f"{where}: metrics: give a list of dotted paths in metrics.json")
+    return {"arms": clean, "seeds": seeds, "baseline": baseline, "metrics": metrics}
 
 
 def _section(cls, data, where: str):
@@ -138,10 +186,12 @@ def validate_sweep(spec: SweepSpec, where: str) -> None:
         raise UserError(f"{where}: scheduler.type: {spec.scheduler.type!r} is not one of {', '.join(SCHEDULERS)}")
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         raise UserError(f"{where}: num_samples and max_concurrent must be at least 1")
-    if not spec.search:
+    if not spec.space():
         raise UserError(f"{where}: `search:` is empty; give at least one config field to vary")
     base = base_config(spec)
-    for path, domain in spec.search.items():
+    for path, domain in spec.space().items():
+        if path == ARM_KEY and spec.study:
+            continue
         if not isinstance(domain, dict) or len(domain) != 1 or next(iter(domain)) not in DOMAINS:
             raise UserError(f"{where}: search.{path}: give exactly one of {', '.join(DOMAINS)}, "
                             f"e.g. {{grid: [0.25, 0.5]}}")
@@ -159,9 +209,40 @@ def validate_sweep(spec: SweepSpec, where: str) -> None:
         for value in examples:  # each value must fit the field: caught here, not in a trial
             trial = copy.deepcopy(base)
             apply_override(trial, f"{path}={_format(value)}")
+    if spec.study:
+        _validate_study(spec, base, where)
     if spec.scheduler.type == "asha" and base.generator == "none":
         raise UserError(f"{where}: scheduler asha compares trials on the generator's loss, but the base config "
                         "trains no generator; set base.set.generator or use scheduler: fifo")
+
+
+def _validate_study(spec: SweepSpec, base: Config, where: str) -> None:
+    """A study compares arms fairly: no early stopping, random draws or generator/evaluation differences."""
+    if spec.scheduler.type != "fifo":
+        raise UserError(f"{where}: a study runs every arm to the end; use scheduler: fifo (ASHA would stop arms "
+                        "on their training loss and bias the comparison)")
+    for path, domain in spec.search.items():
+        if path != ARM_KEY and next(iter(domain)) != "grid":
+            raise UserError(f"{where}: search.{path}: a study's extra axes must be grids, so every arm sees the "
+                            "same values")
+    configs = {name: arm_config(spec, name) for name in spec.study["arms"]}
+    # Same yardstick and budget for every arm: only the autoencoder and its schedule may differ.
+    for section in ("generator", "generator_train", "dit", "prior", "eval", "data"):
+        if not hasattr(base, section):
+            continue
+        values = {name: json.dumps(getattr(c, section) if isinstance(getattr(c, section), str)
+                                   else getattr(c, section).__dict__, sort_keys=True, default=str)
+                  for name, c in configs.items()}
+        if len(set(values.values())) > 1:
+            raise UserError(f"{where}: arms differ in `{section}`; a study keeps the generator, its budget, the data "
+                            "and the evaluation the same for every arm (put such changes in base.set)")
+
+
+def arm_config(spec: SweepSpec, arm: str) -> Config:
+    config = base_config(spec)
+    for path, value in spec.study["arms"][arm]["set"].items():
+        apply_override(config, f"{path}={_format(value)}")
+    return config
 
 
 def _format(value) -> str:
@@ -181,8 +262,10 @@ def base_config(spec: SweepSpec) -> Config:
 
 
 def trial_config(spec: SweepSpec, params: dict) -> Config:
-    config = base_config(spec)
+    config = arm_config(spec, params[ARM_KEY]) if ARM_KEY in params else base_config(spec)
     for path, value in sorted(params.items()):
+        if path == ARM_KEY:
+            continue
         apply_override(config, f"{path}={_format(value)}")
     from raydae.config import validate
 
@@ -247,10 +330,11 @@ def _check_inception_metric(spec: SweepSpec) -> None:
     """An Inception metric as the target needs the weights: say so before any trial trains."""
     from raydae.eval.inception import resolve_inception_weights
 
-    if spec.metric in ("fid", "kid", "is") or spec.metric.endswith("_inception"):
+    wanted = [spec.metric, *spec.study.get("metrics", [])]
+    if any(m.split(".")[-1] in ("fid", "rfid", "kid", "is") or m.endswith("_inception") for m in wanted):
         ev = base_config(spec).eval
         if resolve_inception_weights(ev.inception_weights, ev.inception_sha256) is None:
-            raise UserError(f"sweep metric {spec.metric} needs the Inception weights: set base.set."
+            raise UserError(f"sweep metric {', '.join(wanted)} needs the Inception weights: set base.set."
                             "eval.inception_weights to a local weights-inception-2015-12-05-6726825d.pth, "
                             "or target fd_randfeat (random-network features) instead")
 
@@ -259,7 +343,7 @@ def _search_space(spec: SweepSpec) -> dict:
     from ray import tune
 
     space = {}
-    for path, domain in spec.search.items():
+    for path, domain in spec.space().items():
         kind, values = next(iter(domain.items()))
         space[path] = {
             "grid": lambda v: tune.grid_search(v),
@@ -277,6 +361,7 @@ def run_sweep(path: str, resume: bool = False, address: str | None = None, stora
 
     from raydae import launch
     from raydae.storage import RunFolder
+    from raydae.tune_callback import ReclaimLeakedPlacementGroups
 
     spec = load_sweep(path)
     if storage:
@@ -327,10 +412,14 @@ def run_sweep(path: str, resume: bool = False, address: str | None = None, stora
                                         scheduler=scheduler),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage if "://" in spec.storage
                                       else os.path.abspath(os.path.expanduser(spec.storage)),
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[ReclaimLeakedPlacementGroups()]),
         )
     grid = tuner.fit()
-    return summarise_sweep(spec, root, grid)
+    summary = summarise_sweep(spec, root, grid)
+    if spec.study:
+        summary["study"] = summarise_study(spec, root, summary["trials"])
+    return summary
 
 
 def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
@@ -354,7 +443,7 @@ def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
     sign = 1 if spec.mode == "min" else -1
     finished.sort(key=lambda row: sign * row["value"])
     order = finished + [row for row in rows if row["status"] != "finished"]
-    columns = ["trial", "status", *spec.search, "metric", "value", ASHA_METRIC, ASHA_TIME]
+    columns = ["trial", "status", *spec.space(), "metric", "value", ASHA_METRIC, ASHA_TIME]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -363,9 +452,55 @@ def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
     summary = {"experiment": root.uri, "trials": order, "best": None}
     if finished:
         best = finished[0]
-        config = trial_config(spec, {key: best[key] for key in spec.search})
+        config = trial_config(spec, {key: best[key] for key in spec.space()})
         header = (f"# Best trial of sweep {spec.name}: {best['trial']} ({best['metric']} = {best['value']:.6g}, "
                   f"mode {spec.mode}).\n# Run it: raydae run --config best_config.yaml\n")
         root.write_text("best_config.yaml", header + config.to_yaml())
         summary["best"] = best
     return summary
+
+
+def arm_schedule(config: Config) -> dict:
+    """What a study's table says about an arm's autoencoder: its step budget and its decoders."""
+    def decoder(d) -> str:
+        return f"w{d.width:g} b{d.num_res_blocks} d{d.dropout:g}"
+
+    train = config.train
+    if train.mode == "dae":
+        return {"mode": "dae", "total_ae_steps": train.stage1_steps + train.stage2_steps,
+                "final_decoder_steps": train.stage2_steps, "final_decoder": decoder(config.ae.decoder),
+                "aux_decoder": decoder(config.ae.aux_decoder)}
+    steps = config.stage_steps("joint")
+    return {"mode": "joint", "total_ae_steps": steps, "final_decoder_steps": steps,
+            "final_decoder": decoder(config.ae.decoder), "aux_decoder": "-"}
+
+
+def summarise_study(spec: SweepSpec, root, trials: list[dict]) -> dict:
+    """study.json and study.md: per arm and metric, mean and seed spread, and paired differences."""
+    from raydae.storage import RunFolder
+    from raydae.study import compare, markdown
+
+    study = spec.study
+    others = [path for path in spec.search]
+    runs = []
+    for row in trials:
+        folder = RunFolder(f"{root.uri}/{RUNS_FOLDER}", row["trial"])
+        if row["status"] != "finished" or not folder.exists("metrics.json"):
+            continue
+        group = ", ".join(f"{path}={row[path]}" for path in others)
+        runs.append({"arm": row[ARM_KEY], "seed": int(row[SEED_KEY]), "group": group,
+                     "metrics": folder.read_json("metrics.json")})
+    arms = list(study["arms"])
+    blocks = compare(runs, arms, study["baseline"], study["metrics"])
+    schedules = {arm: arm_schedule(arm_config(spec, arm)) for arm in arms}
+    labels = {arm: study["arms"][arm]["label"] for arm in arms}
+    missing = len(arms) * len(study["seeds"]) * max(1, math.prod(len(d["grid"]) for d in spec.search.values())) \
+        - len(runs)
+    header = (f"# Study {spec.name}\n\n{len(runs)} finished runs"
+              + (f" ({missing} not finished: see results.csv)" if missing else "")
+              + f"; seeds {', '.join(map(str, study['seeds']))}; baseline arm `{study['baseline']}`.\n\n")
+    text = header + markdown(blocks, labels, study["baseline"], study["metrics"], schedules)
+    root.write_text("study.md", text)
+    result = {"baseline": study["baseline"], "schedules": schedules, "labels": labels, "groups": blocks}
+    root.write_text("study.json", json.dumps(result, indent=2, default=str))
+    return {**result, "markdown": text}

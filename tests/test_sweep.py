@@ -170,3 +170,34 @@ def test_resume_of_a_sweep_that_never_ran_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="no sweep at"):
         run_sweep(_write(tmp_path, _sweep()), resume=True, storage=str(tmp_path / "none"))
+
+
+def test_placement_groups_left_by_a_dead_train_controller_are_reclaimed(ray_session):
+    """Ray Train's own cleaner can die (no dashboard, stale address file), leaving a stopped trial's CPUs reserved."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from raydae.tune_callback import ReclaimLeakedPlacementGroups
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # stands in for Ray Train's controller: it creates the workers' placement group
+        def reserve(self):
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    dying, living = Controller.remote(), Controller.remote()
+    orphan, kept = ray.get([dying.reserve.remote(), living.reserve.remote()])
+    mine = placement_group([{"CPU": 0.01}])  # created by the driver itself: never touched
+    ray.get(mine.ready())
+    ray.kill(dying)
+    time.sleep(1)
+    try:
+        assert placement_group_table()[orphan]["state"] == "CREATED"  # Ray keeps it while the job lives
+        assert ReclaimLeakedPlacementGroups().check() == [orphan]
+        table = placement_group_table()
+        assert table[orphan]["state"] == "REMOVED"
+        assert table[kept]["state"] == "CREATED" and table[mine.id.hex()]["state"] == "CREATED"
+    finally:
+        ray.kill(living)
+        ray.util.remove_placement_group(mine)

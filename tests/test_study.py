@@ -1,0 +1,133 @@
+"""The DAE study: its statistics on fixed numbers (no Ray), its file checks, and a tiny study on Ray."""
+
+import math
+
+import pytest
+import yaml
+
+from raydae.errors import UserError
+from raydae.study import compare, markdown, paired_difference, spread, stage1_outliers, t_quantile_975
+from raydae.sweep import ARM_KEY, SEED_KEY, parse_sweep, trial_config
+
+
+def test_spread_and_paired_difference_on_fixed_numbers():
+    s = spread([1.0, 2.0, 3.0, 4.0])
+    assert s["n"] == 4 and s["mean"] == 2.5 and s["sd"] == pytest.approx(math.sqrt(5 / 3))
+    # Per-seed differences 1, 1.2, 0.8, 1.0: mean 1, sd sqrt(0.08/3), t = mean / (sd / 2).
+    baseline = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0}
+    arm = {0: 11.0, 1: 13.2, 2: 11.8, 3: 14.0}
+    d = paired_difference(arm, baseline)
+    sd = math.sqrt(0.08 / 3)
+    assert d["seeds"] == [0, 1, 2, 3] and d["diff_mean"] == pytest.approx(1.0)
+    assert d["diff_sd"] == pytest.approx(sd) and d["stderr"] == pytest.approx(sd / 2)
+    assert d["t"] == pytest.approx(1.0 / (sd / 2))
+    assert d["ci95"][0] == pytest.approx(1.0 - 3.182 * sd / 2)
+    assert d["significant"] is True
+    # The seeds vary far more (sd ~1.3) than the arms differ: consistent, but not beyond the seed spread.
+    assert d["exceeds_spread"] is False
+
+
+def test_a_difference_inside_the_noise_is_neither_significant_nor_beyond_the_spread():
+    d = paired_difference({0: 1.0, 1: 3.0, 2: 2.0}, {0: 2.0, 1: 2.0, 2: 2.5})
+    assert d["diff_mean"] == pytest.approx(-0.5 / 3) and d["significant"] is False and d["exceeds_spread"] is False
+    assert d["ci95"][0] < 0 < d["ci95"][1]
+    # Only seeds both arms finished are paired; one seed is too few for any verdict.
+    lone = paired_difference({0: 1.0, 5: 2.0}, {0: 1.5})
+    assert lone["seeds"] == [0] and lone["significant"] is None and math.isnan(lone["stderr"])
+    big = paired_difference({0: 10.0, 1: 10.1, 2: 9.9}, {0: 1.0, 1: 1.2, 2: 0.9})
+    assert big["exceeds_spread"] is True and big["significant"] is True
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(100) == 1.96
+
+
+def test_collapsed_stage1_seeds_are_flagged():
+    assert stage1_outliers({0: 0.02, 1: 0.021, 2: 0.09, 3: 0.019}) == [2]
+    assert stage1_outliers({0: 0.02, 1: 0.021}) == []
+
+
+def test_compare_and_table_from_fixture_runs():
+    def run(arm, seed, fd, mse, stage1=0.02):
+        return {"arm": arm, "seed": seed, "group": "", "metrics": {
+            "eval": {"samples": {"fd": fd}, "reconstruction": {"decoder": {"mse": mse}}},
+            "stages": {"stage1": {"val_mse": stage1}}}}
+
+    runs = [run("joint", 0, 30.0, 0.010), run("joint", 1, 31.0, 0.011),
+            run("dae", 0, 29.0, 0.012), run("dae", 1, 29.5, 0.013, stage1=0.2)]
+    metrics = ["eval.samples.fd", "eval.reconstruction.decoder.mse"]
+    (block,) = compare(runs, ["joint", "dae"], "joint", metrics)
+    dae = block["arms"]["dae"]
+    assert dae["metrics"]["eval.samples.fd"]["mean"] == pytest.approx(29.25)
+    assert dae["differences"]["eval.samples.fd"]["diff_mean"] == pytest.approx(-1.25)
+    assert block["arms"]["joint"]["differences"] == {}
+    schedules = {a: {"total_ae_steps": 4, "final_decoder_steps": 2, "final_decoder": "w1 b1 d0", "aux_decoder": "-"}
+                 for a in ("joint", "dae")}
+    text = markdown([block], {"joint": "joint", "dae": "DAE"}, "joint", metrics, schedules)
+    assert "| dae | 2 | 29.25 ± 0.3536 | -1.25 ± 0.25 (stderr)" in text
+    assert "dae seed(s) 1" in text  # a collapsed stage 1 is reported, and kept
+    with pytest.raises(UserError, match="baseline 'x'"):
+        compare(runs, ["joint", "dae"], "x", metrics)
+
+
+STUDY_BASE = {"preset": "tiny", "set": {"train.checkpoint_every": 100, "eval.enabled": True}}
+ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "train.joint_steps": 4}},
+        "dae": {"label": "DAE half-width aux, 2+2 steps",
+                "set": {"train.mode": "dae", "train.stage1_steps": 2, "train.stage2_steps": 2,
+                        "ae.aux_decoder.width": 0.5}}}
+
+
+def _study(**overrides) -> dict:
+    spec = {"name": "st", "base": STUDY_BASE, "metric": "eval.reconstruction.decoder.mse", "max_concurrent": 2,
+            "study": {"arms": ARMS, "seeds": [0, 1], "baseline": "joint",
+                      "metrics": ["eval.reconstruction.decoder.mse", "eval.reconstruction.decoder.fd_randfeat"]}}
+    spec.update(overrides)
+    return spec
+
+
+def test_study_file_checks():
+    spec = parse_sweep(_study())
+    assert list(spec.space()) == [ARM_KEY, SEED_KEY]
+    config = trial_config(spec, {ARM_KEY: "dae", SEED_KEY: 1})
+    assert config.train.mode == "dae" and config.train.seed == 1 and config.ae.aux_decoder.width == 0.5
+    with pytest.raises(UserError, match="use scheduler: fifo"):
+        parse_sweep(_study(scheduler={"type": "asha"}, base={"preset": "tiny", "set": {"generator": "dit"}}))
+    with pytest.raises(UserError, match="baseline: 'nope'"):
+        parse_sweep(_study(study={"arms": ARMS, "seeds": [0, 1], "baseline": "nope"}))
+    with pytest.raises(UserError, match="at least two distinct integers"):
+        parse_sweep(_study(study={"arms": ARMS, "seeds": [0], "baseline": "joint"}))
+    unfair = {**ARMS, "dae": {"set": {**ARMS["dae"]["set"], "generator_train.steps": 7}}}
+    with pytest.raises(UserError, match="arms differ in `generator_train`"):
+        parse_sweep(_study(study={"arms": unfair, "seeds": [0, 1], "baseline": "joint"}))
+    with pytest.raises(UserError, match="set by the study section"):
+        parse_sweep(_study(search={"train.seed": {"grid": [0, 1]}}))
+
+
+def test_shipped_study_files_parse():
+    from pathlib import Path
+
+    from raydae.sweep import load_sweep
+
+    files = sorted(Path(__file__).parent.parent.joinpath("studies").glob("*.yaml"))
+    assert files, "studies/ ships no study file"
+    for path in files:
+        assert load_sweep(str(path)).study, path
+
+
+@pytest.mark.timeout(420)
+def test_two_arm_two_seed_study_end_to_end(ray_session, tmp_path):
+    from raydae.sweep import run_sweep
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_study()))
+    summary = run_sweep(str(path), storage=str(tmp_path / "studies"))
+    assert [row["status"] for row in summary["trials"]] == ["finished"] * 4
+    (block,) = summary["study"]["groups"]
+    for arm in ("joint", "dae"):
+        assert block["arms"][arm]["seeds"] == [0, 1]
+        mse = block["arms"][arm]["metrics"]["eval.reconstruction.decoder.mse"]
+        assert mse["n"] == 2 and all(0 < v < 1 for v in mse["values"].values())
+    diff = block["arms"]["dae"]["differences"]["eval.reconstruction.decoder.mse"]
+    values = {arm: block["arms"][arm]["metrics"]["eval.reconstruction.decoder.mse"]["values"] for arm in ARMS}
+    assert diff["diff_mean"] == pytest.approx(sum(values["dae"][s] - values["joint"][s] for s in (0, 1)) / 2)
+    text = (tmp_path / "studies" / "st" / "study.md").read_text()
+    assert "| dae | DAE half-width aux, 2+2 steps | 4 | 2 | w1 b1 d0 | w0.5 b1 d0 |" in text
+    assert "**eval.reconstruction.decoder.fd_randfeat**" in text
+    assert (tmp_path / "studies" / "st" / "study.json").exists()
