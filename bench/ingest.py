@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from raydae.config import DataConfig, load_config  # noqa: E402
@@ -129,6 +128,10 @@ def main() -> None:
                      " ".join(f"{v:.0f}" for v in arm["loader_epochs"])))
         rows.append((f"{kind}: ratio Ray Data / DataLoader", arm["ratio"],
                      "target >= 1: " + ("MET" if arm["ratio"] >= 1 else "NOT MET")))
+        rows.append((f"{kind}: first batch, s (Ray / DataLoader)", arm["ray_first_batch_seconds"],
+                     f"{arm['loader_first_batch_seconds']:.3f}"))
+        rows.append((f"{kind}: img/s after the 1st batch (Ray / DL)", arm["ray_images_per_second_after_first_batch"],
+                     f"{arm['loader_images_per_second_after_first_batch']:.0f}"))
         if arm.get("preflight_seconds") is not None:
             rows.append((f"{kind}: build_datasets file check, s", arm["preflight_seconds"], "once per run"))
     for source, stage in result["stages"].items():
@@ -224,28 +227,30 @@ def compare(kind: str, root: str, size: int, args) -> dict:
     device = torch.device(args.device)
     dtypes = AutoencoderTask.batch_dtypes
 
-    def ray_epoch() -> tuple[int, float]:
-        start, count = time.perf_counter(), 0
+    def ray_epoch() -> tuple[int, float, float]:
+        start, count, first = time.perf_counter(), 0, None
         for batch in bundle.train.iter_torch_batches(batch_size=args.batch_size, drop_last=True, device=device,
                                                      dtypes=dtypes, prefetch_batches=4):
+            first = first or time.perf_counter() - start
             count += len(batch["label"])
             _check(batch, size, device)
         _sync(device)
-        return count, time.perf_counter() - start
+        return count, time.perf_counter() - start, first
 
     dataset = loader_dataset(kind, root, size, data_cfg.val_fraction)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0,
                                          pin_memory=device.type == "cuda")
 
-    def loader_epoch() -> tuple[int, float]:
-        start, count = time.perf_counter(), 0
+    def loader_epoch() -> tuple[int, float, float]:
+        start, count, first = time.perf_counter(), 0, None
         for image, label in loader:
+            first = first or time.perf_counter() - start
             batch = {"image": image.to(device, non_blocking=True), "label": label.to(device, non_blocking=True)}
             count += len(batch["label"])
             _check(batch, size, device)
         _sync(device)
-        return count, time.perf_counter() - start
+        return count, time.perf_counter() - start, first
 
     ray_runs, loader_runs = [], []
     for epoch in range(args.epochs):
@@ -257,7 +262,13 @@ def compare(kind: str, root: str, size: int, args) -> dict:
     del loader
 
     def rate(runs):
-        return sum(n for n, _ in runs[1:]) / sum(t for _, t in runs[1:])
+        return sum(r[0] for r in runs[1:]) / sum(r[1] for r in runs[1:])
+
+    def first_batch(runs):
+        return sum(r[2] for r in runs[1:]) / len(runs[1:])
+
+    def after_first(runs):  # images/s from the first batch to the end of the epoch
+        return sum(r[0] - args.batch_size for r in runs[1:]) / sum(r[1] - r[2] for r in runs[1:])
 
     ray_ips, loader_ips = rate(ray_runs), rate(loader_runs)
     return {
@@ -269,8 +280,12 @@ def compare(kind: str, root: str, size: int, args) -> dict:
         "ray_images_per_second": ray_ips,
         "loader_images_per_second": loader_ips,
         "ratio": ray_ips / loader_ips,
-        "ray_epochs": [n / t for n, t in ray_runs[1:]],
-        "loader_epochs": [n / t for n, t in loader_runs[1:]],
+        "ray_first_batch_seconds": first_batch(ray_runs),
+        "loader_first_batch_seconds": first_batch(loader_runs),
+        "ray_images_per_second_after_first_batch": after_first(ray_runs),
+        "loader_images_per_second_after_first_batch": after_first(loader_runs),
+        "ray_epochs": [r[0] / r[1] for r in ray_runs[1:]],
+        "loader_epochs": [r[0] / r[1] for r in loader_runs[1:]],
         "warmup_epoch": {"ray_images_per_second": ray_runs[0][0] / ray_runs[0][1],
                          "loader_images_per_second": loader_runs[0][0] / loader_runs[0][1]},
     }

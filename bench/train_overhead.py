@@ -2,7 +2,7 @@
 against a plain PyTorch loop over the same task, model, batch size and data, in one run.
 
     python bench/train_overhead.py [--preset shapes] [--stage stage1] [--steps 200] [--repeats 1]
-                                   [--device cpu|cuda] [--set KEY=VALUE ...] [--out FILE]
+                                   [--device cpu|cuda] [--dashboard] [--set KEY=VALUE ...] [--out FILE]
 
 Arms (interleaved plain, Ray, plain, ... so load on the machine hits both alike):
   plain:      make_task(config, stage) + task.train_step in this process, batches sliced from the

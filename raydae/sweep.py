@@ -119,7 +119,7 @@ def parse_sweep(data: dict, where: str = "sweep") -> SweepSpec:
     for key in ("num_samples", "max_concurrent"):
         if key in data:
             setattr(spec, key, int(data[key]))
-    if data.get("study") is not None:
+    if data.get("study"):  # to_dict() writes `study: {}` for a plain sweep
         spec.study = _parse_study(data["study"], f"{where}: study")
         if SEED_KEY in spec.search or ARM_KEY in spec.search:
             raise UserError(f"{where}: search: {SEED_KEY} and {ARM_KEY} are set by the study section; remove them")
