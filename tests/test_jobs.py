@@ -58,7 +58,7 @@ def head():
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=5)  # `ray start --block` can take 20 s to stop gracefully
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
 

@@ -1,6 +1,11 @@
 """The DAE study: its statistics on fixed numbers (no Ray), its file checks, and a tiny study on Ray."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -111,14 +116,40 @@ def test_shipped_study_files_parse():
         assert load_sweep(str(path)).study, path
 
 
-@pytest.mark.timeout(420)
-def test_two_arm_two_seed_study_end_to_end(ray_session, tmp_path):
+@pytest.mark.ray
+@pytest.mark.timeout(480)
+def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session, tmp_path):
+    """The tiny study, with its driver killed once a trial has finished: `--resume` runs the rest, not that one."""
     from raydae.sweep import run_sweep
 
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(_study()))
-    summary = run_sweep(str(path), storage=str(tmp_path / "studies"))
+    storage = tmp_path / "studies"
+    runs = storage / "st" / "runs"
+    # A driver in its own process, on the shared cluster, killed once the first trial has finished
+    # (with two trials at a time, the other is then mid-way and must continue on resume).
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raydae.cli", "study", str(path), "--storage", str(storage), "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not list(runs.glob("*/DONE")) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        finished = list(runs.glob("*/DONE"))
+        assert finished, "no trial finished before the driver was killed"
+        time.sleep(2)  # let Tune record the trial as finished
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = {done: done.stat().st_mtime for done in runs.glob("*/DONE")}
+    assert len(finished) < 4
+
+    summary = run_sweep(str(path), resume=True, storage=str(storage))
     assert [row["status"] for row in summary["trials"]] == ["finished"] * 4
+    assert all(done.stat().st_mtime == mtime for done, mtime in finished.items())  # not run again
+    assert len(list(runs.glob("*/DONE"))) == 4
     (block,) = summary["study"]["groups"]
     for arm in ("joint", "dae"):
         assert block["arms"][arm]["seeds"] == [0, 1]
@@ -127,7 +158,10 @@ def test_two_arm_two_seed_study_end_to_end(ray_session, tmp_path):
     diff = block["arms"]["dae"]["differences"]["eval.reconstruction.decoder.mse"]
     values = {arm: block["arms"][arm]["metrics"]["eval.reconstruction.decoder.mse"]["values"] for arm in ARMS}
     assert diff["diff_mean"] == pytest.approx(sum(values["dae"][s] - values["joint"][s] for s in (0, 1)) / 2)
-    text = (tmp_path / "studies" / "st" / "study.md").read_text()
+    text = (storage / "st" / "study.md").read_text()
     assert "| dae | DAE half-width aux, 2+2 steps | 4 | 2 | w1 b1 d0 | w0.5 b1 d0 |" in text
     assert "**eval.reconstruction.decoder.fd_randfeat**" in text
-    assert (tmp_path / "studies" / "st" / "study.json").exists()
+    assert (storage / "st" / "study.json").exists()
+    with pytest.raises(UserError, match="different sweep file"):
+        path.write_text(yaml.safe_dump(_study(max_concurrent=1)))
+        run_sweep(str(path), storage=str(storage))

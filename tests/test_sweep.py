@@ -1,10 +1,10 @@
-"""Sweeps: the sweep file's checks (no Ray), and tiny Ray Tune sweeps with ASHA, interruption and resume."""
+"""Sweeps: the sweep file's checks (no Ray) and a tiny Ray Tune sweep with ASHA.
+
+Interrupting a sweep's driver and resuming it is tested on the study (tests/test_study.py), which is a sweep.
+"""
 
 import csv
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -123,46 +123,6 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     assert _train_processes(ignore=before) == []
     stopped_run = experiment / "runs" / trial_name({"generator_train.lr": 0.5})
     assert not (stopped_run / "DONE").exists() and (stopped_run / "joint.done.json").exists()
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(500)
-def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_trial(ray_session, tmp_path):
-    from raydae.sweep import run_sweep
-
-    # Autoencoder stages only (no generator), so the two trials are quick; ranked by reconstruction.
-    base = {"preset": "tiny", "set": {"train.mode": "joint", "train.joint_steps": 4, "train.checkpoint_every": 2}}
-    spec = _sweep(base=base, metric="stages.joint.val_mse", max_concurrent=1)
-    path = _write(tmp_path, spec)
-    storage = tmp_path / "sweeps"
-    first = storage / "s" / "runs" / trial_name({"ae.aux_decoder.width": 0.5})
-    second = storage / "s" / "runs" / trial_name({"ae.aux_decoder.width": 1.0})
-    # A driver in its own process, on the shared cluster, killed once the first trial has finished.
-    address = ray_session.get_runtime_context().gcs_address
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "raydae.cli", "sweep", path, "--storage", str(storage), "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while not (first / "DONE").exists() and driver.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert (first / "DONE").exists(), "the first trial did not finish"
-        time.sleep(2)  # let Tune record the first trial as finished
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert not (second / "DONE").exists()
-    finished_at = (first / "DONE").stat().st_mtime
-    checkpoints = sorted(p.name for p in (first / "joint").glob("checkpoint_*"))
-
-    summary = run_sweep(path, resume=True, storage=str(storage))
-    assert {row["status"] for row in summary["trials"]} == {"finished"} and len(summary["trials"]) == 2
-    assert (first / "DONE").stat().st_mtime == finished_at  # not run again
-    assert sorted(p.name for p in (first / "joint").glob("checkpoint_*")) == checkpoints
-    assert (second / "DONE").exists()
-    with pytest.raises(UserError, match="different sweep file"):
-        run_sweep(_write(tmp_path, {**spec, "max_concurrent": 2}), storage=str(storage))
 
 
 def test_resume_of_a_sweep_that_never_ran_is_refused(tmp_path):
