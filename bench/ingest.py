@@ -51,7 +51,7 @@ def main() -> None:
                         help="Ray's CPUs = DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="per arm and source; the first is warm-up")
-    parser.add_argument("--shard-size", type=int, default=5000, help="pack: images per Parquet file (its default)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="pack: images per Parquet file (its default)")
     parser.add_argument("--preset", default="shapes", help="preset of the short training stage")
     parser.add_argument("--stage-steps", type=int, default=150, help="steps of the short stage; 0 skips it")
     parser.add_argument("--stage-sources", default="shapes",

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("src", help="image folder (png/jpg/webp, recursive; sub-folders become labels)")
     pack.add_argument("dst", help="new, empty output folder")
     pack.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE x SIZE")
-    pack.add_argument("--shard-size", type=int, default=5000, help="images per Parquet file")
+    pack.add_argument("--shard-size", type=int, default=1000,
+                      help="images per Parquet file: each is one read task, so keep several per worker")
     pack.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
     return parser
 

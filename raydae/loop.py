@@ -122,6 +122,10 @@ def train_worker(loop_config: dict) -> None:
     trained_steps = 0
 
     epoch = 0
+    # Data wait is the time from the end of one step's bookkeeping (logging, images, checkpoints) to the next
+    # batch in hand. `tick` runs on across epochs, so draining one epoch and restarting the pipeline for the
+    # next count as waiting too.
+    tick = time.perf_counter()
     while step < steps:
         shuffle = config.data.shuffle_buffer
         batches = shard.iter_torch_batches(
@@ -133,7 +137,6 @@ def train_worker(loop_config: dict) -> None:
             local_shuffle_seed=(train.seed * 100003 + (step + epoch) * 31 + rank) if shuffle else None,
         )
         epoch += 1
-        tick = time.perf_counter()
         got_batch = False
         for batch in batches:
             got_batch = True
@@ -160,7 +163,6 @@ def train_worker(loop_config: dict) -> None:
             tock = time.perf_counter()
             step_time += tock - tick
             window_time += tock - tick
-            tick = tock
 
             if writer is not None and step % settings.log_every == 0:
                 elapsed = time.perf_counter() - window_start
@@ -187,6 +189,7 @@ def train_worker(loop_config: dict) -> None:
                 means = {key: value / report_steps for key, value in report_sums.items()}
                 _report(task, config, stage, step, history, {"step": step, **means}, rank)
                 report_sums, report_steps = {}, 0
+            tick = time.perf_counter()
             if step >= steps:
                 break
         if not got_batch:

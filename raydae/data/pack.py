@@ -32,7 +32,7 @@ ROW_GROUP = 256  # rows buffered before a write: memory stays small even for ful
 
 
 def pack_folder(
-    src: str, dst: str, *, image_size: int | None = None, shard_size: int = 5000, on_bad_file: str = "error"
+    src: str, dst: str, *, image_size: int | None = None, shard_size: int = 1000, on_bad_file: str = "error"
 ) -> dict:
     """Pack the images under `src` into `dst` (which must be new or empty); returns the manifest."""
     if on_bad_file not in ("error", "skip"):
