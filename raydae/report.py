@@ -346,6 +346,42 @@ def metric_vs_latent_size(runs: list[Run], metric: str, mode: str) -> tuple[plt.
     return fig, [title], labels
 
 
+def study_figure(blocks: list[dict], metrics: list[str]) -> plt.Figure | None:
+    """A study's per-seed values: one panel per metric (rows: other grid values), arms along x.
+
+    Each seed is a point, joined across arms by a thin line (the comparison is paired by seed); the bar is
+    the arm's mean ± sample sd. Values are drawn as measured, so an outlier seed stays visible.
+    """
+    blocks = [b for b in blocks if any(b["arms"][a]["metrics"].get(m, {}).get("n") for a in b["arms"] for m in metrics)]
+    if not blocks or not metrics:
+        return None
+    arms = list(blocks[0]["arms"])
+    fig, axes = plt.subplots(len(blocks), len(metrics), figsize=(3.3 * len(metrics), 3.4 * len(blocks)),
+                             layout="constrained", squeeze=False)
+    for row, block in enumerate(blocks):
+        for col, metric in enumerate(metrics):
+            ax = axes[row][col]
+            per_arm = {arm: block["arms"][arm]["metrics"].get(metric, {}) for arm in arms}
+            seeds = sorted({seed for entry in per_arm.values() for seed in entry.get("values", {})})
+            for seed in seeds:
+                xs = [i for i, arm in enumerate(arms) if seed in per_arm[arm].get("values", {})]
+                ys = [per_arm[arms[i]]["values"][seed] for i in xs]
+                ax.plot(xs, ys, color="0.6", linewidth=0.8, marker="o", markersize=3.5, zorder=1)
+            for i, arm in enumerate(arms):
+                entry = per_arm[arm]
+                if entry.get("n"):
+                    ax.errorbar([i + 0.12], [entry["mean"]], yerr=[[entry["sd"] or 0]], fmt="s", color="C0",
+                                capsize=4, zorder=2)
+            ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+            ax.set_xlim(-0.5, len(arms) - 0.5)
+            ax.set_title(metric.removeprefix("eval."), fontsize=8)
+            if block["group"]:
+                ax.set_ylabel(block["group"], fontsize=7)
+            ax.grid(alpha=0.3)
+    fig.suptitle("per seed (grey, paired across arms) and arm mean ± sd (blue)", fontsize=9)
+    return fig
+
+
 def samples_side_by_side(runs: list[Run], metric: str | None) -> tuple[plt.Figure, list[str]] | None:
     """Sample grids of the best runs; with both modes present the best DAE and best joint run lead."""
     runs = [run for run in runs if run.samples_png()]  # already best first

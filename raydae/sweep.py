@@ -475,6 +475,23 @@ def arm_schedule(config: Config) -> dict:
             "final_decoder": decoder(config.ae.decoder), "aux_decoder": "-"}
 
 
+def _write_study_figure(root, blocks: list[dict], metrics: list[str]) -> bool:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from raydae.report import study_figure
+
+    figure = study_figure(blocks, metrics)
+    if figure is None:
+        return False
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    root.write_bytes("study.png", buffer.getvalue())
+    return True
+
+
 def summarise_study(spec: SweepSpec, root, trials: list[dict]) -> dict:
     """study.json and study.md: per arm and metric, mean and seed spread, and paired differences."""
     from raydae.storage import RunFolder
@@ -500,6 +517,8 @@ def summarise_study(spec: SweepSpec, root, trials: list[dict]) -> dict:
               + (f" ({missing} not finished: see results.csv)" if missing else "")
               + f"; seeds {', '.join(map(str, study['seeds']))}; baseline arm `{study['baseline']}`.\n\n")
     text = header + markdown(blocks, labels, study["baseline"], study["metrics"], schedules)
+    if _write_study_figure(root, blocks, study["metrics"]):
+        text += "\n![per-seed values of every metric, paired across arms](study.png)\n"
     root.write_text("study.md", text)
     result = {"baseline": study["baseline"], "schedules": schedules, "labels": labels, "groups": blocks}
     root.write_text("study.json", json.dumps(result, indent=2, default=str))

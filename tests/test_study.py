@@ -68,6 +68,11 @@ def test_compare_and_table_from_fixture_runs():
     text = markdown([block], {"joint": "joint", "dae": "DAE"}, "joint", metrics, schedules)
     assert "| dae | 2 | 29.25 ± 0.3536 | -1.25 ± 0.25 (stderr)" in text
     assert "dae seed(s) 1" in text  # a collapsed stage 1 is reported, and kept
+    from raydae.report import study_figure
+
+    figure = study_figure([block], metrics)
+    assert [ax.get_title() for ax in figure.axes] == ["samples.fd", "reconstruction.decoder.mse"]
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["joint", "dae"]
     with pytest.raises(UserError, match="baseline 'x'"):
         compare(runs, ["joint", "dae"], "x", metrics)
 
@@ -161,7 +166,8 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     text = (storage / "st" / "study.md").read_text()
     assert "| dae | DAE half-width aux, 2+2 steps | 4 | 2 | w1 b1 d0 | w0.5 b1 d0 |" in text
     assert "**eval.reconstruction.decoder.fd_randfeat**" in text
-    assert (storage / "st" / "study.json").exists()
+    assert (storage / "st" / "study.json").exists() and (storage / "st" / "study.png").exists()
+    assert "](study.png)" in text
     with pytest.raises(UserError, match="different sweep file"):
         path.write_text(yaml.safe_dump(_study(max_concurrent=1)))
         run_sweep(str(path), storage=str(storage))
