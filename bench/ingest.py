@@ -10,9 +10,10 @@ Ray Data arm: raydae.data.build_datasets(...).train (what a Train worker reads),
 train_worker does: iter_torch_batches(batch_size, drop_last, device, dtypes, prefetch_batches=4).
 The file check build_datasets runs first for a folder (it decodes every file once) is timed apart.
 DataLoader arm: a map-style Dataset (folder: one file per item) or an IterableDataset (Parquet: row
-groups dealt out to the workers), decoding with raydae.data.images.load_square + to_model_input (the same
-PIL decode, resize/centre-crop and float32 [-1, 1] CHW tensors), default collate, num_workers = Ray's CPUs,
-persistent workers, pin_memory on CUDA. Both arms read the training split only and do not shuffle.
+groups dealt out to the workers), decoding with raydae.data.images.load_square + to_chw (the same
+PIL decode, resize/centre-crop, uint8 CHW tensors), default collate, num_workers = Ray's CPUs,
+persistent workers, pin_memory on CUDA. Both arms turn batches into float32 [-1, 1] on the device
+with images.model_input, as AutoencoderTask does. Both arms read the training split only and do not shuffle.
 Epochs alternate between the arms; the first epoch of each is warm-up (worker processes, imports) and is
 left out. Target: Ray Data / DataLoader >= 1.
 
@@ -173,7 +174,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         with open(self.paths[i], "rb") as f:
             square = imgs.load_square(f.read(), self.size)
-        image = imgs.to_model_input(square[None])[0]
+        image = imgs.to_chw(square[None])[0]
         return torch.from_numpy(image), self.labels[i]
 
 
@@ -200,7 +201,7 @@ class ParquetDataset(torch.utils.data.IterableDataset):
                                          table.column("path").to_pylist()):
                 if imgs.is_val(path, self.val_fraction):
                     continue
-                image = imgs.to_model_input(imgs.load_square(data, self.size)[None])[0]
+                image = imgs.to_chw(imgs.load_square(data, self.size)[None])[0]
                 yield torch.from_numpy(image), label
 
 
@@ -233,7 +234,7 @@ def compare(kind: str, root: str, size: int, args) -> dict:
                                                      dtypes=dtypes, prefetch_batches=4):
             first = first or time.perf_counter() - start
             count += len(batch["label"])
-            _check(batch, size, device)
+            _check({**batch, "image": imgs.model_input(batch["image"])}, size, device)
         _sync(device)
         return count, time.perf_counter() - start, first
 
@@ -246,7 +247,8 @@ def compare(kind: str, root: str, size: int, args) -> dict:
         start, count, first = time.perf_counter(), 0, None
         for image, label in loader:
             first = first or time.perf_counter() - start
-            batch = {"image": image.to(device, non_blocking=True), "label": label.to(device, non_blocking=True)}
+            batch = {"image": imgs.model_input(image.to(device, non_blocking=True)),
+                     "label": label.to(device, non_blocking=True)}
             count += len(batch["label"])
             _check(batch, size, device)
         _sync(device)
@@ -292,7 +294,7 @@ def compare(kind: str, root: str, size: int, args) -> dict:
 
 
 def _check(batch: dict, size: int, device: torch.device) -> None:
-    """Every batch is what AutoencoderTask reads: float32 3 x S x S images on the device, int64 labels."""
+    """Every batch is what AutoencoderTask's model sees: float32 3 x S x S images on the device, int64 labels."""
     image, label = batch["image"], batch["label"]
     if (image.dtype != torch.float32 or tuple(image.shape[1:]) != (3, size, size) or label.dtype != torch.int64
             or image.device.type != device.type):

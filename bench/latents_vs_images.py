@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raydae.config import load_config  # noqa: E402
+from raydae.data import model_input  # noqa: E402
 from raydae.tasks import AutoencoderTask, make_task  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def main() -> None:
 
         def encode(images: torch.Tensor) -> dict:
             with torch.no_grad():
-                h = autoencoder.encoder(images)
+                h = autoencoder.encoder(model_input(images))
                 if config.ae.bottleneck == "vq":
                     return {"codes": autoencoder.bottleneck.encode_indices(h).flatten(1)}
                 mean, logvar = autoencoder.bottleneck.encode(h)
@@ -95,7 +96,7 @@ def main() -> None:
             return steps, total, wait
 
         epoch(stored, task.batch_dtypes)  # warm-up: allocator, threads, first blocks
-        n_fly, fly_seconds, fly_wait = epoch(bundle.train, {"image": torch.float32, "label": torch.int64}, encode)
+        n_fly, fly_seconds, fly_wait = epoch(bundle.train, {"image": torch.uint8, "label": torch.int64}, encode)
         n_stored, stored_seconds, stored_wait = epoch(stored, task.batch_dtypes)
 
     per_step_fly = fly_seconds / max(1, n_fly - 1)

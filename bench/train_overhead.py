@@ -169,7 +169,7 @@ def _in_memory(dataset, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
         images.append(batch["image"])
         labels.append(batch["label"])
-    x = torch.from_numpy(np.concatenate(images)).float()
+    x = torch.from_numpy(np.concatenate(images))  # uint8, as Ray Data delivers it: the task normalises per batch
     y = torch.from_numpy(np.concatenate(labels)).long()
     if device.startswith("cuda"):
         x, y = x.pin_memory(), y.pin_memory()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raydae.config import Config
+from raydae.data.images import model_input
 from raydae.errors import UserError
 from raydae.storage import RunFolder
 
@@ -120,7 +121,7 @@ def collect_images(dataset, limit: int) -> dict[str, np.ndarray]:
     """
     images, labels = [], []
     for batch in dataset.limit(limit).iter_batches(batch_size=1000, batch_format="numpy"):
-        images.append(((np.asarray(batch["image"]) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8))
+        images.append(np.asarray(batch["image"]))  # uint8 3 x S x S, as the data sets yield them
         labels.append(np.asarray(batch["label"], dtype=np.int64))
     if not images:
         raise UserError("evaluation found no images in the data split; check data.source")
@@ -133,7 +134,7 @@ def _images(image_set: dict[str, np.ndarray], limit: int, batch_size: int, devic
     for start in range(0, count, batch_size):
         stop = min(start + batch_size, count)
         # Arrays from the object store are read-only; torch.tensor copies them.
-        images = torch.tensor(image_set["image"][start:stop], device=device, dtype=torch.float32) / 127.5 - 1.0
+        images = model_input(torch.tensor(image_set["image"][start:stop], device=device))
         yield {"image": images, "label": torch.tensor(image_set["label"][start:stop], device=device)}
 
 
@@ -267,7 +268,7 @@ def train_shapes_classifier(train, val, num_classes: int, steps: int, seed: int,
 
     def load(image_set, n):
         n = min(n, len(image_set["image"]))
-        return torch.tensor(image_set["image"][:n], dtype=torch.float32) / 127.5 - 1.0, torch.tensor(image_set["label"][:n])
+        return model_input(torch.tensor(image_set["image"][:n])), torch.tensor(image_set["label"][:n])
 
     x, y = load(train, limit)
     model, info = train_classifier(x, y, num_classes, steps=steps, seed=seed, val=load(val, CLASSIFIER_IMAGES[1]),

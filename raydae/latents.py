@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from raydae.config import Config
+from raydae.data.images import model_input
 from raydae.storage import RunFolder
 
 MANIFEST = "manifest.json"
@@ -88,7 +89,7 @@ class EncodeBatch:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        images = torch.as_tensor(np.asarray(batch["image"]), dtype=torch.float32, device=self.device)
+        images = model_input(torch.as_tensor(np.asarray(batch["image"]), device=self.device))
         h = self.encoder(images)
         out = {"label": np.asarray(batch["label"], dtype=np.int64)}
         if self.bottleneck_kind == "vq":

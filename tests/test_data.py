@@ -51,10 +51,11 @@ def make_class_folder(root, per_class=6):
 
 
 def collect(ds, batch_size=8):
+    """A data set's rows as model input (float in [-1, 1]), as the autoencoder task makes it from uint8."""
     images, labels = [], []
-    for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64}):
+    for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}):
         assert set(batch) == {"image", "label"}
-        images.append(batch["image"])
+        images.append(imgs.model_input(batch["image"]))
         labels.append(batch["label"])
     return torch.cat(images), torch.cat(labels)
 
@@ -153,6 +154,12 @@ def test_modes_decode_to_rgb(tmp_path):
     x = imgs.to_model_input(np.array([[[[0, 255, 128]]]], dtype=np.uint8))
     assert x.dtype == np.float32 and x.shape == (1, 3, 1, 1)
     assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    # The torch path the tasks use on the device gives the same numbers from the data sets' uint8 CHW.
+    chw = torch.from_numpy(imgs.to_chw(np.array([[[[0, 255, 128]]]], dtype=np.uint8)))
+    assert chw.dtype == torch.uint8 and torch.equal(imgs.model_input(chw), torch.from_numpy(x))
+    assert torch.equal(imgs.model_input(torch.from_numpy(x)), torch.from_numpy(x))  # float model input passes
+    with pytest.raises(TypeError, match="uint8"):
+        imgs.model_input(torch.zeros(1, 3, 1, 1, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------- errors

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raydae.config import load_config
-from raydae.data import build_datasets
+from raydae.data import build_datasets, model_input
 from raydae.latents import encode_dataset, encoder_key, read_latents
 from raydae.loop import save_training_state
 from raydae.tasks import AutoencoderTask
@@ -37,7 +37,7 @@ def test_latents_round_trip_and_are_reused(ray_session, tmp_path, bottleneck):
 
     # Compare the stored latents with a direct encoding of the same images (matched by label order
     # is not enough: rows may be reordered, so compare as sorted sets of rows).
-    images = torch.cat([torch.tensor(b["image"]) for b in bundle.val.iter_batches(batch_format="numpy")])
+    images = torch.cat([model_input(torch.tensor(b["image"])) for b in bundle.val.iter_batches(batch_format="numpy")])
     with torch.no_grad():
         h = task.encoder(images)
         if bottleneck == "vq":

@@ -4,16 +4,18 @@
     TorchTrainer(..., datasets={"train": bundle.train, "val": bundle.val})
     # on a worker:
     ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=..., dtypes={"image": torch.float32, "label": torch.int64})
+        batch_size=..., dtypes={"image": torch.uint8, "label": torch.int64})
+    images = model_input(batch["image"])  # float32 in [-1, 1], made on the device
 
-Rows hold exactly `image` (float32, 3 x S x S, in [-1, 1]) and `label` (int64).
+Rows hold exactly `image` (uint8, 3 x S x S) and `label` (int64).
 """
 
+from raydae.data.images import model_input
 from raydae.data.datasets import BAD_FILES_NAME, DataBundle, bad_files_text, build_datasets, check_source
 from raydae.data.pack import pack_folder
 from raydae.data.shapes import SHAPE_NAMES, render_shapes
 
 __all__ = [
     "BAD_FILES_NAME", "DataBundle", "SHAPE_NAMES", "bad_files_text", "build_datasets", "check_source",
-    "pack_folder", "render_shapes",
+    "model_input", "pack_folder", "render_shapes",
 ]

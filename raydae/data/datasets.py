@@ -1,11 +1,12 @@
-"""Ray Datasets for training: rows of `image` (float32 3 x S x S in [-1, 1]) and `label` (int64).
+"""Ray Datasets for training: rows of `image` (uint8 3 x S x S) and `label` (int64).
 
 Three sources, chosen by data.source:
-  builtin:shapes   rendered once with map_batches, materialised as uint8, normalised lazily;
+  builtin:shapes   rendered once with map_batches and materialised;
   an image folder  a preflight pass decodes every file (Ray's read_images aborts the whole read on one
                    bad file and may not say which), then the good files are read and decoded per epoch;
   a Parquet folder written by `raydae data pack` (recognised by its manifest.json).
-A Train worker reads them with `get_dataset_shard(...).iter_torch_batches(dtypes=...)`.
+A Train worker reads them with `get_dataset_shard(...).iter_torch_batches(dtypes=...)` and the task turns
+the uint8 images into model input on its device (`images.model_input`).
 
 `import ray` happens inside the functions so `raydae data pack` does not pay for it.
 """
@@ -120,23 +121,19 @@ def _shapes(cfg: DataConfig) -> DataBundle:
 def _shapes_split(cfg: DataConfig, split: str, count: int) -> "ray.data.Dataset":
     import ray
 
-    # ~1000 images (about 0.1 s of rendering) per task; render once, keep uint8 (4x smaller than
-    # float32), and normalise lazily each epoch, which costs far less than rendering again.
+    # ~1000 images (about 0.1 s of rendering) per task; rendered once and kept in the object store as
+    # uint8, so an epoch streams blocks straight to the workers with no task in between.
     rendered = ray.data.range(count, override_num_blocks=max(1, math.ceil(count / 1000))).map_batches(
         _render_batch,
         batch_size=None,
         fn_kwargs={"seed": cfg.seed, "split": split, "image_size": cfg.image_size, "max_shapes": cfg.max_shapes},
     )
-    return rendered.materialize().map_batches(_normalise_batch)
+    return rendered.materialize()
 
 
 def _render_batch(batch, seed: int, split: str, image_size: int, max_shapes: int) -> dict:
     images, labels = render_shapes(seed, split, batch["id"], image_size, max_shapes)
-    return {"image": images, "label": labels}
-
-
-def _normalise_batch(batch) -> dict:
-    return {"image": imgs.to_model_input(batch["image"]), "label": batch["label"]}
+    return {"image": imgs.to_chw(images), "label": labels}
 
 
 # ------------------------------------------------------------------------------- image folder
@@ -197,7 +194,7 @@ def _decode_files_batch(batch, root: str, label_index: dict[str, int], size: int
     # The path column is dropped here: a string column breaks iter_torch_batches (RAY.md).
     images = imgs.decode_squares(batch["bytes"], batch["path"], size)
     labels = [imgs.label_of(os.path.relpath(p, root).replace(os.sep, "/"), label_index) for p in batch["path"]]
-    return {"image": imgs.to_model_input(images), "label": np.array(labels, dtype=np.int64)}
+    return {"image": imgs.to_chw(images), "label": np.array(labels, dtype=np.int64)}
 
 
 # ---------------------------------------------------------------------------- Parquet shards
@@ -239,7 +236,7 @@ def _decode_parquet_batch(batch, size: int, val_fraction: float, want_val: bool)
     # `image` arrives as an object array of Python bytes (RAY.md); keep this split's rows, decode them.
     keep = [i for i, p in enumerate(batch["path"]) if imgs.is_val(str(p), val_fraction) == want_val]
     images = imgs.decode_squares(batch["image"][keep], batch["path"][keep], size)
-    return {"image": imgs.to_model_input(images), "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
+    return {"image": imgs.to_chw(images), "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
 
 def _check_split(root: str, num_train: int, num_val: int, val_fraction: float) -> None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raydae.data.images import model_input
+
 
 # ------------------------------------------------------------------------------------ inputs
 def as_model_input(images: Tensor) -> Tensor:
@@ -25,7 +27,7 @@ def as_model_input(images: Tensor) -> Tensor:
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
+        return model_input(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or float, got {images.dtype}")
     if images.numel() and (images.min() < -1.001 or images.max() > 1.001):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from raydae.config import Config
+from raydae.data.images import model_input
 from raydae.errors import UserError
 from raydae.losses import adaptive_gan_weight, build_lpips, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from raydae.models import (
@@ -76,7 +77,7 @@ def describe_signature(sig: dict) -> str:
 
 
 class AutoencoderTask:
-    batch_dtypes = {"image": torch.float32, "label": torch.int64}
+    batch_dtypes = {"image": torch.uint8, "label": torch.int64}  # made model input on the device (model_input)
     progress_keys = ("loss/reconstruction",)
     image_tag = "inputs_vs_reconstructions"
 
@@ -180,7 +181,7 @@ class AutoencoderTask:
         return self.decoder(out.z), out
 
     def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
-        images = batch["image"]
+        images = model_input(batch["image"])
         train = self.config.train
         disc_cfg = self.config.loss.discriminator
         set_learning_rate(self.optimizers, lr_scale)
@@ -238,7 +239,7 @@ class AutoencoderTask:
         usage = None
         with evaluation_mode(*self.models.values()):
             for batch in batches:
-                images = batch["image"]
+                images = model_input(batch["image"])
                 recon, out = self.reconstruct_unwrapped(images)
                 if observe is not None:
                     observe(images, recon, out)
@@ -270,7 +271,7 @@ class AutoencoderTask:
     @torch.no_grad()
     def image_grid(self, batch: dict, max_images: int = 16) -> torch.Tensor:
         """Inputs (top row) beside reconstructions (bottom row), CHW in [0, 1] for TensorBoard."""
-        images = batch["image"][:max_images]
+        images = model_input(batch["image"][:max_images])
         with evaluation_mode(*self.models.values()):
             recon, _ = self.reconstruct_unwrapped(images)
         return make_grid(torch.cat([images, recon]).float(), nrow=images.shape[0])
