@@ -21,10 +21,17 @@ def _encoder_of(checkpoint: str) -> dict:
     return load_state(checkpoint)["models"]["encoder"]
 
 
+# One whole chain on 2 workers, shared by the tests below: DAE's two stages, a DiT on their latents, evaluation.
+DAE_DIT = ["scaling.num_workers=2", "generator=dit", "dit.model=DiT-T/2", "train.checkpoint_every=100",
+           "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
+           "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3",
+           "eval.enabled=true"]
+
+
 @pytest.fixture(scope="module")
 def dae_run(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    config = load_config("tiny", overrides=["scaling.num_workers=2"])
+    config = load_config("tiny", overrides=DAE_DIT)
     options = RunOptions(storage=str(storage), name="dae2")
     metrics = run_pipeline(config, options)
     return config, options, metrics, storage / "dae2"
@@ -68,7 +75,7 @@ def test_changed_config_on_an_existing_run_is_refused(dae_run, tmp_path):
     config, options, _, run_dir = dae_run
     (run_dir / "DONE").rename(run_dir / "DONE.bak")  # look unfinished
     try:
-        changed = load_config("tiny", overrides=["scaling.num_workers=2", "ae.latent_channels=3"])
+        changed = load_config("tiny", overrides=DAE_DIT + ["ae.latent_channels=3"])
         with pytest.raises(UserError, match=r"different config \(ae.latent_channels: 2 -> 3\)"):
             run_pipeline(changed, options)
     finally:
@@ -100,35 +107,14 @@ def test_rerunning_a_failed_run_continues_it(ray_session, tmp_path):
     assert (tmp_path / "crash" / "DONE").exists()
 
 
-# The DiT chain trains DAE's two stages and ends with evaluation; the VQ chain trains jointly (one stage).
-@pytest.mark.parametrize("generator, bottleneck, model, mode",
-                         [("dit", "kl", "DiT-T/2", "dae"), ("vq_prior", "vq", "prior-T", "joint")])
-def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_path, capsys, generator, bottleneck,
-                                                              model, mode):
+def _check_samples_and_skipping(config, options, run_dir: Path, tmp_path: Path, capsys, steps: tuple[str, ...]):
     from PIL import Image
 
     from raydae.sampling import sample_run
 
-    model_key = "dit.model" if generator == "dit" else "prior.model"
-    overrides = [f"ae.bottleneck={bottleneck}", f"generator={generator}", f"{model_key}={model}",
-                 f"train.mode={mode}", "train.stage1_steps=3", "train.stage2_steps=3", "train.joint_steps=3",
-                 "train.checkpoint_every=100",
-                 "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
-                 "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3",
-                 f"eval.enabled={generator == 'dit'}"]  # one chain is enough to check evaluation end to end
-    config = load_config("tiny", overrides=overrides)
-    options = RunOptions(storage=str(tmp_path), name="chain")
-    metrics = run_pipeline(config, options)
-    run_dir = tmp_path / "chain"
     grid = Image.open(run_dir / "samples.png")
     assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 64 samples of 16x16 with 2-pixel gaps
-    assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0
     assert list((run_dir / "tensorboard" / "generator").glob("events.out.tfevents.*"))
-    if generator != "dit":
-        assert "eval" not in metrics
-    else:
-        _check_evaluation(metrics, run_dir, tmp_path)
-
     images = sample_run(str(run_dir), n=5, out=str(tmp_path / "g.png"), out_dir=None, seed=7, steps=2, cfg=None)
     again = sample_run(str(run_dir), n=5, out=None, out_dir=None, seed=7, steps=2, cfg=None)
     assert images.shape == (5, 3, 16, 16) and torch.equal(images, again)
@@ -138,9 +124,28 @@ def test_whole_chain_writes_samples_and_skips_finished_steps(ray_session, tmp_pa
     capsys.readouterr()
     run_pipeline(config, options)
     out = capsys.readouterr().out
-    for step in (("stage1", "stage2") if mode == "dae" else ("joint",)) + ("generator",):
+    for step in steps:
         assert f"[{step}] already finished; skipping" in out
     assert (run_dir / "DONE").exists()
+
+
+def test_dit_chain_evaluates_writes_samples_and_skips_finished_steps(dae_run, tmp_path, capsys):
+    config, options, metrics, run_dir = dae_run
+    assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0
+    _check_evaluation(metrics, run_dir, Path(options.storage))
+    _check_samples_and_skipping(config, options, run_dir, tmp_path, capsys, ("stage1", "stage2", "generator"))
+
+
+def test_vq_chain_trained_jointly_writes_samples_and_skips_finished_steps(ray_session, tmp_path, capsys):
+    overrides = ["ae.bottleneck=vq", "generator=vq_prior", "prior.model=prior-T", "train.mode=joint",
+                 "train.joint_steps=3", "train.checkpoint_every=100", "generator_train.steps=4",
+                 "generator_train.batch_size=16", "generator_train.log_every=2", "generator_train.checkpoint_every=100",
+                 "generator_train.image_every=2"]
+    config = load_config("tiny", overrides=overrides)
+    options = RunOptions(storage=str(tmp_path), name="chain")
+    metrics = run_pipeline(config, options)
+    assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0 and "eval" not in metrics
+    _check_samples_and_skipping(config, options, tmp_path / "chain", tmp_path, capsys, ("joint", "generator"))
 
 
 def test_eval_command_scores_a_finished_run_and_report_draws_it(dae_run, tmp_path, capsys):
@@ -152,7 +157,7 @@ def test_eval_command_scores_a_finished_run_and_report_draws_it(dae_run, tmp_pat
     assert main(["eval", str(run_dir), "--set", "eval.num_reconstructions=16", "--set", "eval.classifier_steps=0",
                  "--set", "eval.latent_distance_steps=0"]) == 0
     ev = json.loads((run_dir / "metrics.json").read_text())["eval"]
-    assert "samples" not in ev  # no generator in this run
+    assert ev["samples"]["num"] == 32 and ev["samples"]["fd_randfeat"] >= 0  # scored again with the new settings
     assert ev["headline"] == "fd_randfeat" and ev["reconstruction"]["decoder"]["images"] == 16
     assert ev["real_vs_real"]["fd_randfeat"] >= 0 and ev["complexity"]["encoder"]["parameters"] > 0
     assert "stages" in json.loads((run_dir / "metrics.json").read_text())  # the rest is kept
