@@ -255,6 +255,11 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
         for key in ("val/codebook_usage", "val/perplexity"):
             if key in m:
                 out["stages"][stage][key.split("/")[1]] = m[key]
+    # The final decoder's held-out reconstruction under one name for both modes (DAE's stage 2, or the joint
+    # stage), so studies and sweeps compare arms by the same key even without evaluation.
+    final = next((out["stages"][s] for s in ("stage2", "joint") if s in out["stages"]), None)
+    if final is not None:
+        out["final_decoder"] = {key: final[key] for key in ("val_mse", "val_psnr", "val_ssim", "steps")}
     generator = stage_results.get("generator")
     if generator:
         m = generator["metrics"]

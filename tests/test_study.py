@@ -77,7 +77,7 @@ def test_compare_and_table_from_fixture_runs():
         compare(runs, ["joint", "dae"], "x", metrics)
 
 
-STUDY_BASE = {"preset": "tiny", "set": {"train.checkpoint_every": 100, "eval.enabled": True}}
+STUDY_BASE = {"preset": "tiny", "set": {"train.checkpoint_every": 100}}  # no evaluation: stage metrics suffice
 ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "train.joint_steps": 4}},
         "dae": {"label": "DAE half-width aux, 2+2 steps",
                 "set": {"train.mode": "dae", "train.stage1_steps": 2, "train.stage2_steps": 2,
@@ -85,9 +85,9 @@ ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "tra
 
 
 def _study(**overrides) -> dict:
-    spec = {"name": "st", "base": STUDY_BASE, "metric": "eval.reconstruction.decoder.mse", "max_concurrent": 2,
+    spec = {"name": "st", "base": STUDY_BASE, "metric": "final_decoder.val_mse", "max_concurrent": 2,
             "study": {"arms": ARMS, "seeds": [0, 1], "baseline": "joint",
-                      "metrics": ["eval.reconstruction.decoder.mse", "eval.reconstruction.decoder.fd_randfeat"]}}
+                      "metrics": ["final_decoder.val_mse", "final_decoder.val_psnr"]}}
     spec.update(overrides)
     return spec
 
@@ -158,14 +158,14 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     (block,) = summary["study"]["groups"]
     for arm in ("joint", "dae"):
         assert block["arms"][arm]["seeds"] == [0, 1]
-        mse = block["arms"][arm]["metrics"]["eval.reconstruction.decoder.mse"]
+        mse = block["arms"][arm]["metrics"]["final_decoder.val_mse"]
         assert mse["n"] == 2 and all(0 < v < 1 for v in mse["values"].values())
-    diff = block["arms"]["dae"]["differences"]["eval.reconstruction.decoder.mse"]
-    values = {arm: block["arms"][arm]["metrics"]["eval.reconstruction.decoder.mse"]["values"] for arm in ARMS}
+    diff = block["arms"]["dae"]["differences"]["final_decoder.val_mse"]
+    values = {arm: block["arms"][arm]["metrics"]["final_decoder.val_mse"]["values"] for arm in ARMS}
     assert diff["diff_mean"] == pytest.approx(sum(values["dae"][s] - values["joint"][s] for s in (0, 1)) / 2)
     text = (storage / "st" / "study.md").read_text()
     assert "| dae | DAE half-width aux, 2+2 steps | 4 | 2 | w1 b1 d0 | w0.5 b1 d0 |" in text
-    assert "**eval.reconstruction.decoder.fd_randfeat**" in text
+    assert "**final_decoder.val_psnr**" in text
     assert (storage / "st" / "study.json").exists() and (storage / "st" / "study.png").exists()
     assert "](study.png)" in text
     with pytest.raises(UserError, match="different sweep file"):
