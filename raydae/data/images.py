@@ -174,12 +174,7 @@ def model_input(images):
     return images
 
 
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x 3 -> float32 N x 3 x H x W in [-1, 1] (numpy; `model_input` is the torch path)."""
-    return to_chw(images).astype(np.float32) / 127.5 - 1.0
-
-
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Inverse of to_model_input (for checks and image grids): float N x 3 x H x W -> uint8 N x H x W x 3."""
+    """Inverse of model_input (for checks and image grids): float N x 3 x H x W in [-1, 1] -> uint8 N x H x W x 3."""
     pixels = np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return pixels.transpose(0, 2, 3, 1)
