@@ -100,6 +100,10 @@ class Run:
         return {key: value for key, value in samples.items() if _is_number(value)}
 
     def value(self, metric: str) -> float | None:
+        """A key of eval.samples (`fd_shapesclf`), or a dotted path in metrics.json (`eval.samples.fid`)."""
+        if "." in metric:
+            found = _get(self.metrics, metric)
+            return found if _is_number(found) else None
         return self.sample_metrics().get(metric)
 
     def final_reconstruction(self) -> tuple[float | None, float | None]:
@@ -175,11 +179,15 @@ def choose_metric(runs: list[Run], metric: str | None, mode: str | None) -> tupl
                 raise UserError(f"no default metric among the runs' eval.samples; pick one with --metric: "
                                 f"{', '.join(available)}")
             return None, mode or "min"
+    elif "." in metric:  # a dotted path in metrics.json, as sweep and study files name their metric
+        if not any(run.value(metric) is not None for run in runs):
+            raise UserError(f"metric {metric!r}: no run's metrics.json has a number at that path")
     elif metric not in available:
         listed = ", ".join(available) if available else "none (no run has eval.samples in metrics.json)"
         raise UserError(f"metric {metric!r} is in no run's eval.samples; available: {listed}")
     if mode is None:
-        mode = "max" if metric == "is" or metric.startswith(HIGHER_IS_BETTER_PREFIXES) else "min"
+        leaf = metric.rsplit(".", 1)[-1]
+        mode = "max" if leaf == "is" or leaf.startswith(HIGHER_IS_BETTER_PREFIXES) else "min"
     return metric, mode
 
 

@@ -143,6 +143,18 @@ def test_run_without_eval(tmp_path):
     assert set(result["figures"]) == {"loss_curves", "samples_side_by_side"}
 
 
+def test_a_dotted_metric_path_ranks_like_its_sample_key(sweep):
+    """Sweep and study files name metrics by path (eval.samples.fd_shapesclf); the report takes those too."""
+    orders = []
+    for metric in ("fd_shapesclf", "eval.samples.fd_shapesclf"):
+        result = write_report(str(sweep), metric=metric, tensorboard=False)
+        assert result["mode"] == "min"
+        orders.append([row[0] for row in table_rows((sweep / "report.md").read_text(), "| run")])
+    assert orders[0] == orders[1] and orders[0][:3] == ["trials/dae_small", "joint", "trials/dae_big"]
+    with pytest.raises(UserError, match="no run's metrics.json has a number at that path"):
+        write_report(str(sweep), metric="eval.samples.nope", tensorboard=False)
+
+
 def test_unknown_metric_lists_available(sweep):
     with pytest.raises(UserError, match=r"'fid' is in no run.*available: .*fd_shapesclf"):
         write_report(str(sweep), metric="fid", tensorboard=False)
