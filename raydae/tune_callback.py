@@ -58,6 +58,12 @@ class ReclaimLeakedPlacementGroups(Callback):
             except Exception as err:  # a busy GCS can time out; try again at the next check
                 print(f"[sweep] placement-group check skipped: {type(err).__name__}: {err}", flush=True)
 
+    def on_experiment_end(self, trials, **info):
+        # A last look: a trial stopped in the final seconds would otherwise keep its CPUs reserved for as
+        # long as this driver's Ray lives (a notebook, a test session, a driver on a shared cluster).
+        self._last_check = 0.0
+        self.on_step_end(0, trials)
+
     def check(self) -> list[str]:
         import ray
         from ray._private.state import state
