@@ -127,7 +127,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # ray.train.report with a checkpoint (each report costs ~2 s)
     keep_checkpoints: int = 2
     seed: int = 0
-    # Tests only: raise inside the training loop at this step on the first attempt (fault injection).
+    # Tests only: raise inside an autoencoder stage's loop at this step on its first attempt (fault injection).
     fail_at_step: int = -1
 
 

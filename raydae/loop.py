@@ -147,7 +147,7 @@ def train_worker(loop_config: dict) -> None:
             window_wait += fetched - tick
             if sample_batch is None:
                 sample_batch = {k: v[:16].clone() for k, v in batch.items()}
-            if train.fail_at_step == step and checkpoint is None:
+            if train.fail_at_step == step and checkpoint is None and stage != "generator":
                 # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
             with autocast:

@@ -92,21 +92,6 @@ def test_stage2_refuses_a_stage1_checkpoint_of_another_latent_shape(dae_run, tmp
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_rerunning_a_failed_run_continues_it(ray_session, tmp_path):
-    config = load_config("tiny", overrides=["train.mode=joint", "train.joint_steps=8",
-                                            "train.checkpoint_every=2", "train.fail_at_step=5",
-                                            "scaling.max_failures=0"])
-    options = RunOptions(storage=str(tmp_path), name="crash")
-    with pytest.raises(UserError, match="joint failed: RuntimeError: injected failure at step 5"):
-        run_pipeline(config, options)
-    assert not (tmp_path / "crash" / "DONE").exists()
-    assert not (tmp_path / "crash" / "joint.done.json").exists()
-    metrics = run_pipeline(config, options)  # the same command again
-    starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
-    assert starts[0] == 0 and starts[-1] >= 2
-    assert (tmp_path / "crash" / "DONE").exists()
-
-
 def _check_samples_and_skipping(config, options, run_dir: Path, tmp_path: Path, capsys, steps: tuple[str, ...]):
     from PIL import Image
 
@@ -136,16 +121,24 @@ def test_dit_chain_evaluates_writes_samples_and_skips_finished_steps(dae_run, tm
     _check_samples_and_skipping(config, options, run_dir, tmp_path, capsys, ("stage1", "stage2", "generator"))
 
 
-def test_vq_chain_trained_jointly_writes_samples_and_skips_finished_steps(ray_session, tmp_path, capsys):
+def test_vq_chain_rerun_after_a_failure_continues_then_writes_samples_and_skips_finished_steps(ray_session, tmp_path,
+                                                                                               capsys):
     overrides = ["ae.bottleneck=vq", "generator=vq_prior", "prior.model=prior-T", "train.mode=joint",
-                 "train.joint_steps=3", "train.checkpoint_every=100", "generator_train.steps=4",
-                 "generator_train.batch_size=16", "generator_train.log_every=2", "generator_train.checkpoint_every=100",
-                 "generator_train.image_every=2"]
+                 "train.joint_steps=4", "train.checkpoint_every=2", "train.fail_at_step=3", "scaling.max_failures=0",
+                 "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
+                 "generator_train.checkpoint_every=100", "generator_train.image_every=2"]
     config = load_config("tiny", overrides=overrides)
     options = RunOptions(storage=str(tmp_path), name="chain")
+    run_dir = tmp_path / "chain"
+    # With no retries left, the injected failure ends the run; the same command again continues it.
+    with pytest.raises(UserError, match="joint failed: RuntimeError: injected failure at step 3"):
+        run_pipeline(config, options)
+    assert not (run_dir / "DONE").exists() and not (run_dir / "joint.done.json").exists()
     metrics = run_pipeline(config, options)
+    starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
+    assert starts == [0, 2]  # the rerun began at the failed attempt's step-2 checkpoint, not at step 0
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0 and "eval" not in metrics
-    _check_samples_and_skipping(config, options, tmp_path / "chain", tmp_path, capsys, ("joint", "generator"))
+    _check_samples_and_skipping(config, options, run_dir, tmp_path, capsys, ("joint", "generator"))
 
 
 def test_eval_command_scores_a_finished_run_and_report_draws_it(dae_run, tmp_path, capsys):
