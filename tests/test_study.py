@@ -85,7 +85,7 @@ ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "tra
 
 
 def _study(**overrides) -> dict:
-    spec = {"name": "st", "base": STUDY_BASE, "metric": "final_decoder.val_mse", "max_concurrent": 2,
+    spec = {"name": "st", "base": STUDY_BASE, "metric": "final_decoder.val_mse", "max_concurrent": 3,
             "study": {"arms": ARMS, "seeds": [0, 1], "baseline": "joint",
                       "metrics": ["final_decoder.val_mse", "final_decoder.val_psnr"]}}
     spec.update(overrides)
@@ -132,7 +132,7 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     storage = tmp_path / "studies"
     runs = storage / "st" / "runs"
     # A driver in its own process, on the shared cluster, killed once the first trial has finished
-    # (with two trials at a time, the other is then mid-way and must continue on resume).
+    # (with three trials at a time, the others are then mid-way and must continue on resume).
     address = ray_session.get_runtime_context().gcs_address
     driver = subprocess.Popen(
         [sys.executable, "-m", "raydae.cli", "study", str(path), "--storage", str(storage), "--address", address],
