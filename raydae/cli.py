@@ -169,7 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if best:
             print(f"best: {best['trial']} ({best['metric']} = {best['value']:.4g}); "
                   f"config: {summary['experiment']}/best_config.yaml")
-            report = write_report(summary["experiment"], metric=best["metric"], mode=load_sweep(args.file).mode)
+            report = write_report(summary["experiment"], metric=best["metric"], mode=summary["mode"])
             print(f"report: {report['report']}")
         else:
             print("no trial finished; nothing to rank")

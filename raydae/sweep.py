@@ -449,7 +449,7 @@ def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
     writer.writeheader()
     writer.writerows(order)
     root.write_text("results.csv", buffer.getvalue())
-    summary = {"experiment": root.uri, "trials": order, "best": None}
+    summary = {"experiment": root.uri, "trials": order, "best": None, "mode": spec.mode}
     if finished:
         best = finished[0]
         config = trial_config(spec, {key: best[key] for key in spec.space()})

@@ -53,16 +53,18 @@ class ReclaimLeakedPlacementGroups(Callback):
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self._last_check >= self.every_s:
             self._last_check = time.monotonic()
-            try:
-                self.check()
-            except Exception as err:  # a busy GCS can time out; try again at the next check
-                print(f"[sweep] placement-group check skipped: {type(err).__name__}: {err}", flush=True)
+            self._check_quietly()
 
     def on_experiment_end(self, trials, **info):
         # A last look: a trial stopped in the final seconds would otherwise keep its CPUs reserved for as
         # long as this driver's Ray lives (a notebook, a test session, a driver on a shared cluster).
-        self._last_check = 0.0
-        self.on_step_end(0, trials)
+        self._check_quietly()
+
+    def _check_quietly(self) -> None:
+        try:
+            self.check()
+        except Exception as err:  # a busy GCS can time out; the sweep goes on either way
+            print(f"[sweep] placement-group check skipped: {type(err).__name__}: {err}", flush=True)
 
     def check(self) -> list[str]:
         import ray

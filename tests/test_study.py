@@ -168,6 +168,6 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     assert "**final_decoder.val_psnr**" in text
     assert (storage / "st" / "study.json").exists() and (storage / "st" / "study.png").exists()
     assert "](study.png)" in text
+    path.write_text(yaml.safe_dump(_study(max_concurrent=1)))
     with pytest.raises(UserError, match="different sweep file"):
-        path.write_text(yaml.safe_dump(_study(max_concurrent=1)))
         run_sweep(str(path), storage=str(storage))
