@@ -4,7 +4,9 @@ Reads only what runs leave behind (config.yaml, metrics.json, samples.png, tenso
 no Ray and no GPU, and works on a sweep while some of its runs are still training.
 
 Output, beside the runs:
-    report.md                       tables sorted by the chosen metric, figures embedded
+    report.md                       tables sorted by the chosen metric, figures embedded; over several
+                                    runs, Spearman ρ of each latent measure (latent_quality, the
+                                    latent-data distance) with that metric, also printed
     report/<figure>.png             loss_curves, quality_vs_complexity, metric_vs_latent_size,
                                     samples_side_by_side
     tensorboard/report/             the same figures as TensorBoard images (tag report/<figure>)
@@ -26,6 +28,7 @@ import yaml  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from raydae.errors import UserError  # noqa: E402
+from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, spearman_bootstrap  # noqa: E402
 
 # Folders a run writes inside itself; none holds another run, and checkpoint_* ones look like runs
 # (config.yaml, metrics.json). Stage folders are skipped only inside a run, so a run named `joint` is found.
@@ -37,6 +40,9 @@ MAX_SAMPLE_PANELS = 6
 ANNOTATE_UP_TO = 10  # name the points of a scatter only while the names do not pile up
 DEFAULT_METRICS = ("fid", "fd_shapesclf", "fd_randfeat")
 HIGHER_IS_BETTER_PREFIXES = ("precision", "recall")  # and `is`; distances and KLs are lower-is-better
+LATENT_QUALITY = "latent_quality"  # metrics.json section of cheap latent measures (eval/latent_quality.py)
+# The latent-data distance (evaluate.py, docs/latent_distance.md): the held-out value and the paired L2.
+LATENT_DISTANCE_MEASURES = ("eval.latent_distance.value", "eval.latent_distance.paired_l2_val")
 
 
 def _get(tree, dotted: str, default=None):
@@ -464,7 +470,48 @@ def _flatten(tree, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, figures: dict) -> Path:
+def latent_measures(runs: list[Run]) -> list[str]:
+    """Dotted paths of the latent measures some run has: every number under latent_quality, then the distance."""
+    keys = sorted({key for run in runs for key in _flatten(_get(run.metrics, LATENT_QUALITY))})
+    return [f"{LATENT_QUALITY}.{key}" for key in keys] + [
+        path for path in LATENT_DISTANCE_MEASURES if any(run.value(path) is not None for run in runs)]
+
+
+def latent_correlations(runs: list[Run], metric: str) -> list[dict]:
+    """Per latent measure: Spearman ρ with `metric` over the runs that have both, bootstrap interval, n.
+
+    Fewer than MIN_RUNS such runs: rho, low and high are None."""
+    rows = []
+    for measure in latent_measures(runs):
+        pairs = [(run.value(measure), run.value(metric)) for run in runs]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        if len(pairs) < MIN_RUNS:
+            rows.append({"measure": measure, "rho": None, "low": None, "high": None, "n": len(pairs)})
+        else:
+            rows.append({"measure": measure, **spearman_bootstrap(*zip(*pairs))})
+    return rows
+
+
+def correlation_section(rows: list[dict], metric: str, mode: str) -> list[str]:
+    """The markdown table of latent_correlations, with how to read the sign."""
+    worse = "larger (worse)" if mode == "min" else "smaller (worse)"
+    lines = [f"## Latent measures vs `{metric}`", "",
+             f"Spearman ρ over runs between each measure of the latent (taken before any generator trains) and "
+             f"`{metric}`; ρ > 0: a larger measure went with a {worse} `{metric}`. Interval: bootstrap 95% over "
+             f"runs ({BOOTSTRAP_RESAMPLES} resamples, seed 0, percentile). Runs without a measure are left out of "
+             f"its row; under {MIN_RUNS} runs no ρ is given.", ""]
+    table = []
+    for row in rows:
+        if row["rho"] is None:
+            cells = [f"fewer than {MIN_RUNS} runs", "—"]
+        else:
+            cells = [_fmt(row["rho"]), f"[{_fmt(row['low'])}, {_fmt(row['high'])}]"]
+        table.append([f"`{row['measure']}`", str(row["n"]), *cells])
+    return lines + _table(["measure", "runs", "Spearman ρ", "95% interval"], table)
+
+
+def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, figures: dict,
+                   correlations: list[str] = ()) -> Path:
     finished = [run for run in runs if run.metrics is not None]
     unfinished = [run for run in runs if run.metrics is None]
     lines = [f"# raydae report: {root.resolve().name}", "",
@@ -495,6 +542,7 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
     if unfinished:
         lines += ["Unfinished (no metrics.json yet; loss curves only): "
                   + ", ".join(f"`{run.name}`" for run in unfinished), ""]
+    lines += list(correlations)
     if len(runs) > MAX_RUNS_PER_PANEL:
         lines += [f"Loss curves show the {MAX_RUNS_PER_PANEL} best-ranked runs of {len(runs)}.", ""]
     lines += ["## Figures", ""]
@@ -512,7 +560,8 @@ def write_report(path: str, metric: str | None = None, mode: str | None = None, 
 
     Writes <path>/report.md and PNG figures in <path>/report/ (and, with tensorboard=True, the same figures
     under <path>/tensorboard/report/). Returns {"report": md path, "figures": {name: {"path", "panels",
-    ["lines"]}}, "runs": number of runs found, "metric": metric ranked by (None without eval), "mode"}.
+    ["lines"]}}, "runs": number of runs found, "metric": metric ranked by (None without eval), "mode",
+    "latent_correlations": [{"measure", "rho", "low", "high", "n"}] (empty for one run or no latent measures)}.
     """
     root = Path(path)
     runs = find_runs(root)
@@ -552,5 +601,10 @@ def write_report(path: str, metric: str | None = None, mode: str | None = None, 
     if writer is not None:
         writer.close()
 
-    report = write_markdown(root, ordered, metric, mode, figures)
-    return {"report": str(report), "figures": figures, "runs": len(runs), "metric": metric, "mode": mode}
+    correlations = latent_correlations(finished, metric) if metric and len(finished) > 1 else []
+    section = correlation_section(correlations, metric, mode) if correlations else []
+    if section:
+        print("\n".join(section), flush=True)
+    report = write_markdown(root, ordered, metric, mode, figures, section)
+    return {"report": str(report), "figures": figures, "runs": len(runs), "metric": metric, "mode": mode,
+            "latent_correlations": correlations}

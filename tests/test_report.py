@@ -166,3 +166,64 @@ def test_empty_or_missing_folder(tmp_path):
         write_report(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="no such folder"):
         write_report(str(tmp_path / "missing"))
+
+
+def add_metrics(folder, **sections):
+    """Merge sections into a fake run's metrics.json (e.g. latent_quality={...})."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key, value in sections.items():
+        if key == "latent_distance":
+            metrics["eval"]["latent_distance"] = value
+        else:
+            metrics[key] = value
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_latent_measures_are_rank_correlated_with_the_sample_distance(tmp_path, capsys):
+    # Five runs, fd 10..50. hf_energy rises with fd (ρ = 1), channel_std_min falls (ρ = −1),
+    # kurtosis_max_abs exists in three runs only, the latent-data distance in four (with a tie).
+    hf = [0.1, 0.2, 0.3, 0.4, 0.5]
+    std_min = [5.0, 4.0, 3.0, 2.0, 1.0]
+    distance = [1.0, 1.0, 2.0, 3.0, None]
+    for i, fd in enumerate([10.0, 20.0, 30.0, 40.0, 50.0]):
+        folder = tmp_path / f"r{i}"
+        make_run(folder, seed=i, fd=fd, stages=["stage1"])
+        quality = {"hf_energy": hf[i], "channel_std_min": std_min[i], "kurtosis_mean": float("nan")}
+        if i < 3:
+            quality["kurtosis_max_abs"] = 1.0 + i
+        add_metrics(folder, latent_quality=quality,
+                    **({"latent_distance": {"value": distance[i], "paired_l2_val": 7.0 - i, "seed": 0}}
+                       if distance[i] is not None else {}))
+    make_run(tmp_path / "no_latent_measures", seed=9, fd=25.0, stages=["stage1"])  # left out of every row
+
+    result = write_report(str(tmp_path), tensorboard=False)
+    rows = {row["measure"]: row for row in result["latent_correlations"]}
+    # NaN kurtosis_mean is no number: no run has it, so it gets no row at all.
+    assert list(rows) == ["latent_quality.channel_std_min", "latent_quality.hf_energy",
+                          "latent_quality.kurtosis_max_abs", "eval.latent_distance.value",
+                          "eval.latent_distance.paired_l2_val"]
+    assert rows["latent_quality.hf_energy"] == {"measure": "latent_quality.hf_energy", "rho": pytest.approx(1.0),
+                                                "low": 1.0, "high": 1.0, "n": 5}
+    assert rows["latent_quality.channel_std_min"]["rho"] == pytest.approx(-1.0)
+    assert rows["latent_quality.kurtosis_max_abs"]["rho"] is None and rows["latent_quality.kurtosis_max_abs"]["n"] == 3
+    tie = rows["eval.latent_distance.value"]  # ranks 1.5, 1.5, 3, 4 against 1, 2, 3, 4
+    assert tie["n"] == 4 and tie["rho"] == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert tie["low"] <= tie["rho"] <= tie["high"]
+
+    text = (tmp_path / "report.md").read_text()
+    assert "## Latent measures vs `fd_shapesclf`" in text
+    table = {row[0]: row[1:] for row in table_rows(text, "| measure | runs |")}
+    assert table["`latent_quality.hf_energy`"] == ["5", "1", "[1, 1]"]
+    assert table["`latent_quality.channel_std_min`"] == ["5", "-1", "[-1, -1]"]
+    assert table["`latent_quality.kurtosis_max_abs`"] == ["3", "fewer than 4 runs", "—"]
+    assert table["`eval.latent_distance.paired_l2_val`"][:2] == ["4", "-1"]
+    assert "## Latent measures vs `fd_shapesclf`" in capsys.readouterr().out  # printed as well
+
+
+def test_no_latent_table_without_latent_measures_or_for_one_run(sweep, tmp_path):
+    result = write_report(str(sweep), tensorboard=False)
+    assert result["latent_correlations"] == [] and "Latent measures" not in (sweep / "report.md").read_text()
+    make_run(tmp_path / "one", fd=12.0, stages=["stage1"])
+    add_metrics(tmp_path / "one", latent_quality={"hf_energy": 0.3})
+    result = write_report(str(tmp_path / "one"), tensorboard=False)
+    assert result["latent_correlations"] == [] and "Latent measures" not in (tmp_path / "one" / "report.md").read_text()
