@@ -1,4 +1,4 @@
-"""The autoregressive code prior: causality, key/value cache, sampling filters, overfitting, sizes."""
+"""The autoregressive code prior: causality, key/value cache, sampling and its devices, filters, overfitting, sizes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from raydae.config import load_config
 from raydae.errors import UserError
 from raydae.models.prior import PRIOR_MODELS, CodePrior, build_prior, filter_logits
+from raydae.tasks import make_task
 
 VOCAB, SEQ_LEN, CLASSES = 32, 12, 5
 
@@ -159,6 +161,73 @@ def test_temperature_zero_is_greedy(use_cache):
     assert torch.equal(cold, greedy)
     with pytest.raises(ValueError, match="temperature"):
         prior.generate(2, y, temperature=-1.0)
+
+
+def test_sampler_draws_from_the_filtered_softmax():
+    """Frequencies of 40 000 draws match softmax(logits / temperature) over the codes the filters keep."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(40_000, -1)
+
+    def frequencies(temperature, top_k=0):
+        draws = CodePrior._sample(logits, temperature, top_k, 1.0, torch.Generator().manual_seed(0))
+        return torch.bincount(draws, minlength=4) / draws.numel()
+
+    torch.testing.assert_close(frequencies(1.0), probs, atol=0.01, rtol=0)  # 4 standard errors
+    torch.testing.assert_close(frequencies(2.0), probs.sqrt() / probs.sqrt().sum(), atol=0.01, rtol=0)
+    torch.testing.assert_close(frequencies(1.0, top_k=2), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01, rtol=0)
+
+
+# ------------------------------------------------------------------------------- sampling devices
+@pytest.fixture
+def generator_device_rule(monkeypatch):
+    """CUDA's rule, enforced on the CPU: a torch.Generator draws only tensors on its own device.
+
+    Covers the free functions raydae draws with; yields (generator device, tensor device) per seeded draw.
+    The `meta` device then stands in for a GPU: a CPU generator that feeds it directly fails, as on CUDA.
+    """
+    draws = []
+
+    def enforce(original, device_of):
+        def draw(*args, generator=None, **kwargs):
+            if generator is not None:
+                device = torch.device(device_of(args, kwargs))
+                draws.append((generator.device, device))
+                if device != generator.device:
+                    raise RuntimeError(f"a {generator.device} generator cannot draw a tensor on {device}")
+            return original(*args, generator=generator, **kwargs)
+
+        return draw
+
+    monkeypatch.setattr(torch, "multinomial", enforce(torch.multinomial, lambda args, kwargs: args[0].device))
+    for name in ("rand", "randn", "randint"):
+        device_kwarg = enforce(getattr(torch, name), lambda args, kwargs: kwargs.get("device") or "cpu")
+        monkeypatch.setattr(torch, name, device_kwarg)
+    return draws
+
+
+@pytest.mark.parametrize("num_classes", [0, CLASSES])
+def test_generate_on_another_device_draws_on_the_generators(generator_device_rule, num_classes):
+    """Issue 16: a CPU generator drives a prior that lives elsewhere (meta here, CUDA in a run)."""
+    prior = tiny_prior(num_classes).to("meta")
+    sampled = prior.generate(3, generator=torch.Generator().manual_seed(0), top_k=5, top_p=0.9)
+    assert sampled.device.type == "meta" and sampled.shape == (3, SEQ_LEN) and sampled.dtype == torch.long
+    cpu = torch.device("cpu")
+    assert generator_device_rule and set(generator_device_rule) == {(cpu, cpu)}  # every draw came from the seed
+
+
+def test_prior_task_samples_off_the_cpu(generator_device_rule):
+    """PriorTask.sample (samples.png, `raydae sample`, evaluation) seeds a CPU generator whatever its device."""
+    config = load_config("tiny", overrides=["ae.bottleneck=vq", "generator=vq_prior", "prior.model=prior-T"])
+    task = make_task(config, "generator", {"latent_shape": [2, 8, 8], "num_classes": 5})
+    task.prepare(torch.device("meta"))
+    images = task.sample(2, seed=3)
+    assert images.device.type == "meta" and images.shape == (2, 3, 16, 16)
+    assert generator_device_rule  # the codes came from the seeded generator, not the global RNG
+
+
+def test_generate_refuses_a_device_the_prior_is_not_on():
+    with pytest.raises(ValueError, match="weights are on cpu"):
+        tiny_prior().generate(2, device="meta")
 
 
 # ------------------------------------------------------------------------------- filter_logits

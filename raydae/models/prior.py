@@ -250,11 +250,16 @@ class CodePrior(nn.Module):
         """Sample `n` code sequences, (n, seq_len) long, in raster order.
 
         `temperature=0` takes the argmax at every step (greedy). Dropout stays as the module's mode
-        says: call `.eval()` first. The generator, if given, must live on `device`.
+        says: call `.eval()` first. `device`, if given, must be the prior's. The generator may live on
+        any device: the random draws are made there and moved, so a CPU generator gives the same draws
+        whichever device the prior runs on.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        device = torch.device(device) if device is not None else self.pos_embed.device
+        own = self.pos_embed.device
+        device = torch.device(device) if device is not None else own
+        if device.type != own.type or device.index not in (None, own.index):
+            raise ValueError(f"generate(device={device}) but the prior's weights are on {own}; move the prior first")
         labels = self._labels(y, n, device)
         out = torch.zeros(n, self.seq_len, dtype=torch.long, device=device)
         cache = self.new_cache() if use_cache else None
@@ -271,10 +276,16 @@ class CodePrior(nn.Module):
     def _sample(
         logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
     ) -> Tensor:
+        """One code per row: argmax when greedy, else a Gumbel-max draw from softmax(filtered logits)."""
         if temperature == 0:
             return logits.argmax(dim=-1)
-        probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        scaled = filter_logits(logits / temperature, top_k, top_p)
+        # Uniforms come from the generator's own device (CUDA refuses a CPU generator): the same codes for
+        # a seed on any device, at the cost of one (B, vocab) host-to-device copy per step.
+        draw_device = generator.device if generator is not None else logits.device
+        uniform = torch.rand(logits.shape, generator=generator, device=draw_device).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform))  # uniform = 0 gives -inf: that code is simply not picked
+        return (scaled + gumbel).argmax(dim=-1)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, seq_len={self.seq_len}, num_classes={self.num_classes}"
