@@ -94,6 +94,17 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class EquivarianceConfig:
+    """EQ-VAE (Kouzelis et al., ICML 2025): decode(T z) should match T x for a spatial transform T."""
+
+    weight: float = 0.0  # 0: off
+    probability: float = 0.5  # share of steps on which the term trains (EQ-VAE regularises a fraction of batches)
+    # Downscalings of the side; each must give a whole latent side (multiples of 1 / latent side).
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    rotations: bool = True  # quarter turns of 90, 180 and 270 degrees
+
+
+@dataclass
 class LossConfig:
     reconstruction: str = "l1"  # l1 | l2
     # LPIPS runs only when both local files are given (no downloads): the LPIPS linear heads
@@ -102,6 +113,7 @@ class LossConfig:
     vgg16_weights: str = ""
     lpips_weight: float = 1.0
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -483,6 +495,7 @@ def validate(config: Config) -> None:
     ):
         raise UserError("config train.warm_start_decoder=true needs ae.aux_decoder width and num_res_blocks equal "
                         "to ae.decoder's (only dropout may differ); set it to false or match them")
+    _validate_equivariance(config)
     if config.train.batch_size % config.scaling.num_workers:
         raise UserError(
             f"config train.batch_size={config.train.batch_size} is not divisible by "
@@ -500,3 +513,29 @@ def validate(config: Config) -> None:
         raise UserError(f"config data.shuffle_buffer: must be 0 (off) or positive, got {config.data.shuffle_buffer}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"config data.val_fraction: must be in (0, 1), got {config.data.val_fraction}")
+
+
+def _validate_equivariance(config: Config) -> None:
+    eq = config.loss.equivariance
+    if eq.weight < 0:
+        raise UserError(f"config loss.equivariance.weight: must be >= 0 (0 turns it off), got {eq.weight}")
+    if not 0.0 < eq.probability <= 1.0:
+        raise UserError(f"config loss.equivariance.probability: must be in (0, 1], got {eq.probability}")
+    for scale in eq.scales:
+        if not 0.0 < scale <= 1.0:
+            raise UserError(f"config loss.equivariance.scales: {scale} is not in (0, 1]; "
+                            "give downscalings, e.g. [0.5, 0.75]")
+    if eq.weight == 0:
+        return  # off: the scales need not fit this image size
+    if not eq.scales and not eq.rotations:
+        raise UserError("config loss.equivariance: weight > 0 but no transform; give scales or set rotations=true")
+    side = config.data.image_size // config.ae.downsample_factor
+    for scale in eq.scales:
+        # The decoder turns a latent side n into n * downsample_factor pixels, so s * side must be whole.
+        if abs(scale * side - round(scale * side)) > 1e-6 or round(scale * side) < 1:
+            nearest = max(round(scale * side), 1) / side
+            raise UserError(
+                f"config loss.equivariance.scales: {scale} gives a latent side of {scale * side:g} (latent side "
+                f"{side} = data.image_size {config.data.image_size} / ae.downsample_factor "
+                f"{config.ae.downsample_factor}); use multiples of 1/{side}, e.g. {nearest:g}"
+            )

@@ -1,4 +1,5 @@
-"""Autoencoder losses: reconstruction, hinge GAN, the adaptive GAN weight, and LPIPS.
+"""Autoencoder losses: reconstruction, hinge GAN, the adaptive GAN weight, EQ-VAE's equivariance term
+(and its measurement), and LPIPS.
 
 LPIPS is built here from two local weight files (never downloaded): torchvision's VGG16
 (`vgg16-397923af.pth`) and the `lpips` package's linear heads (`weights/v0.1/vgg.pth`).
@@ -6,13 +7,15 @@ LPIPS is built here from two local weight files (never downloaded): torchvision'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from raydae.config import LossConfig
+from raydae.config import EquivarianceConfig, LossConfig
 from raydae.errors import UserError
 
 
@@ -46,6 +49,104 @@ def adaptive_gan_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, ma
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+# ------------------------------------------------------------------------------- equivariance
+# EQ-VAE (Kouzelis et al., ICML 2025): for a spatial transform T, decode(T z) should match T x. The same
+# T acts on images and latents, so the training term and the measurement below share this code.
+@dataclass(frozen=True)
+class SpatialTransform:
+    """A downscaling of the side (`kind="scale"`, `amount` the factor) or `amount` quarter turns (`"rot90"`)."""
+
+    kind: str
+    amount: float
+
+    @property
+    def name(self) -> str:
+        return f"scale{self.amount:g}" if self.kind == "scale" else f"rot{90 * int(self.amount)}"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, s H, s W), or rotated in the (H, W) plane; any C, the same on every channel."""
+        if self.kind == "rot90":
+            return torch.rot90(x, int(self.amount), dims=(-2, -1))
+        exact = (x.shape[-2] * self.amount, x.shape[-1] * self.amount)
+        size = (round(exact[0]), round(exact[1]))
+        if abs(exact[0] - size[0]) > 1e-6 or abs(exact[1] - size[1]) > 1e-6 or min(size) < 1:
+            # Rounding would scale latents and images by different factors.
+            raise ValueError(f"{self.name} of a {x.shape[-2]}x{x.shape[-1]} tensor is not a whole size: "
+                             f"{exact[0]:g}x{exact[1]:g}; use scales that give a whole latent side")
+        # float32: antialiased resizing is not implemented for bf16 on every device
+        resized = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return resized.to(x.dtype)
+
+
+def equivariance_transforms(scales: list[float], rotations: bool) -> list[SpatialTransform]:
+    """Every transform a step may draw: each downscaling, then the quarter turns (90, 180, 270 degrees)."""
+    transforms = [SpatialTransform("scale", float(s)) for s in scales]
+    if rotations:
+        transforms += [SpatialTransform("rot90", k) for k in (1, 2, 3)]
+    return transforms
+
+
+def draw_equivariance_step(cfg: EquivarianceConfig, seed: int, step: int) -> tuple[SpatialTransform, bool]:
+    """This step's transform (uniform over `equivariance_transforms`) and whether the term trains on it.
+
+    Seeded by (seed, step) alone, so every DDP rank draws the same and a resumed run redraws the same.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    transforms = equivariance_transforms(cfg.scales, cfg.rotations)
+    transform = transforms[int(torch.randint(len(transforms), (1,), generator=generator))]
+    trains = bool(torch.rand((), generator=generator) < cfg.probability)
+    return transform, trains
+
+
+def equivariance_loss(
+    decode: Callable[[Tensor], Tensor], z: Tensor, images: Tensor, transform: SpatialTransform, kind: str
+) -> Tensor:
+    """Reconstruction loss (`kind` l1 | l2) between decode(T z) and T images; gradients reach z and decode."""
+    decoded = decode(transform(z))  # (B, 3, s h f, s w f)
+    target = transform(images)  # (B, 3, s H, s W)
+    if decoded.shape != target.shape:
+        raise ValueError(f"{transform.name}: the decoder gave {tuple(decoded.shape)} for the transformed latent, "
+                         f"but the transformed images are {tuple(target.shape)}")
+    return reconstruction_loss(target, decoded, kind)
+
+
+@torch.no_grad()
+def equivariance_error(
+    encode: Callable[[Tensor], Tensor],
+    decode: Callable[[Tensor], Tensor],
+    images: Tensor,
+    scales: list[float],
+    rotations: bool = True,
+    kind: str = "l2",
+) -> dict[str, float]:
+    """How far an autoencoder is from equivariant under each transform T (no training).
+
+    `encode` maps images to the latents `decode` reads (e.g. the KL mean, the quantised VQ latent).
+    Returns, averaged over the transforms and per transform as `<key>/<T.name>`:
+    - `decoder_error`: reconstruction loss (`kind`) between decode(T E(x)) and T x;
+    - `encoder_error`: ||E(T x) - T E(x)|| / ||T E(x)|| over the batch (relative to the transformed latent,
+      so a downscaled latent's smaller norm does not shrink it);
+    and `reconstruction_error`, the same loss for decode(E(x)) against x, the untransformed baseline.
+    """
+    transforms = equivariance_transforms(scales, rotations)
+    if not transforms:
+        raise ValueError("equivariance_error needs at least one transform: give scales or rotations=True")
+    z = encode(images)
+    metrics = {"reconstruction_error": float(reconstruction_loss(images, decode(z), kind))}
+    for transform in transforms:
+        transformed_z = transform(z)
+        encoded = encode(transform(images))
+        if encoded.shape != transformed_z.shape:
+            raise ValueError(f"{transform.name}: E(T x) is {tuple(encoded.shape)}, "
+                             f"T E(x) is {tuple(transformed_z.shape)}")
+        metrics[f"decoder_error/{transform.name}"] = float(equivariance_loss(decode, z, images, transform, kind))
+        relative = (encoded - transformed_z).norm() / transformed_z.norm().clamp_min(1e-12)
+        metrics[f"encoder_error/{transform.name}"] = float(relative)
+    for key in ("decoder_error", "encoder_error"):
+        metrics[key] = sum(metrics[f"{key}/{t.name}"] for t in transforms) / len(transforms)
+    return metrics
 
 
 # -------------------------------------------------------------------------------------- LPIPS

@@ -98,3 +98,27 @@ def test_joint_steps_default_to_equal_total_steps():
 def test_settings_that_would_fail_late_are_refused_at_load(overrides, needle):
     with pytest.raises(UserError, match=needle):
         load_config("tiny", overrides=overrides)
+
+
+def test_equivariance_is_off_by_default_and_loads_when_its_scales_fit():
+    assert load_config("tiny").loss.equivariance.weight == 0.0
+    config = load_config("tiny", overrides=["loss.equivariance.weight=0.5", "loss.equivariance.scales=[0.25,0.5]"])
+    assert config.loss.equivariance.scales == [0.25, 0.5]
+    # Off, scales need not fit the image size (image 16 / factor 2 = latent side 8).
+    load_config("tiny", overrides=["loss.equivariance.scales=[0.6]"])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.equivariance.weight=-1"], r"loss.equivariance.weight: must be >= 0"),
+    (["loss.equivariance.probability=0"], r"loss.equivariance.probability: must be in \(0, 1\]"),
+    (["loss.equivariance.probability=1.5"], r"loss.equivariance.probability"),
+    (["loss.equivariance.scales=[0.5,1.5]"], r"loss.equivariance.scales: 1.5 is not in \(0, 1\]"),
+    (["loss.equivariance.weight=1", "loss.equivariance.scales=[0.6]"],
+     r"loss.equivariance.scales: 0.6 gives a latent side of 4.8 .*data.image_size 16 / ae.downsample_factor 2.*"
+     r"multiples of 1/8, e.g. 0.625"),
+    (["loss.equivariance.weight=1", "loss.equivariance.scales=[]", "loss.equivariance.rotations=false"],
+     r"loss.equivariance: weight > 0 but no transform"),
+])
+def test_bad_equivariance_settings_name_the_key_and_the_fix(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        load_config("tiny", overrides=overrides)

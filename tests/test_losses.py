@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raydae.config import LossConfig
+from raydae.config import EquivarianceConfig, LossConfig
 from raydae.errors import UserError
 from raydae.losses import (
     LPIPS,
+    SpatialTransform,
     adaptive_gan_weight,
     build_lpips,
+    draw_equivariance_step,
+    equivariance_error,
+    equivariance_loss,
+    equivariance_transforms,
     hinge_d_loss,
     hinge_g_loss,
     reconstruction_loss,
@@ -50,6 +55,105 @@ def test_adaptive_gan_weight_is_gradient_norm_ratio():
     (rec_loss + weight * g_loss).backward()  # graphs were retained
     assert layer.weight.grad is not None
     assert adaptive_gan_weight(layer(x).pow(2).sum(), 1e-9 * layer(x).sum(), layer.weight, max_weight=7.0) == 7.0
+
+
+# --------------------------------------------------------------------------- equivariance
+QUARTER_TURNS = [SpatialTransform("rot90", k) for k in (1, 2, 3)]
+DOWNSCALINGS = [SpatialTransform("scale", s) for s in (0.5, 0.75)]
+
+
+def upsample_decoder(z):
+    """Nearest 2x upsampling of the first 3 channels: commutes exactly with quarter turns."""
+    return torch.nn.functional.interpolate(z[:, :3], scale_factor=2.0, mode="nearest")
+
+
+def pixelwise_decoder(z):
+    """A fixed 1x1 channel mix (factor 1): commutes exactly with any resizing done alike on every channel."""
+    mix = torch.tensor([[1.0, -0.5], [0.3, 0.7], [-1.0, 0.2]])
+    return torch.einsum("oc,bchw->bohw", mix, z)
+
+
+def test_transforms_resize_and_rotate_any_tensor_alike():
+    x = torch.arange(2 * 5 * 8 * 8, dtype=torch.float32).view(2, 5, 8, 8)
+    assert SpatialTransform("scale", 0.75)(x).shape == (2, 5, 6, 6)
+    assert torch.equal(SpatialTransform("rot90", 2)(x), x.flip(-1).flip(-2))
+    assert SpatialTransform("scale", 0.5)(x.bfloat16()).dtype == torch.bfloat16
+    names = [t.name for t in equivariance_transforms([0.5, 0.75], rotations=True)]
+    assert names == ["scale0.5", "scale0.75", "rot90", "rot180", "rot270"]
+    assert equivariance_transforms([0.5], rotations=False) == [SpatialTransform("scale", 0.5)]
+
+
+@pytest.mark.parametrize("transform", QUARTER_TURNS, ids=lambda t: t.name)
+def test_equivariance_loss_is_zero_for_a_decoder_that_commutes_with_rotations(transform):
+    z = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    images = upsample_decoder(z)
+    assert equivariance_loss(upsample_decoder, z, images, transform, "l1").item() == 0.0
+    # A decoder that knows where "up" is: the same latent decodes with a vertical ramp added.
+    ramp = torch.linspace(-1, 1, 12).view(1, 1, 12, 1)
+    tilted = equivariance_loss(lambda v: upsample_decoder(v) + ramp, z, images + ramp, transform, "l1")
+    assert tilted.item() > 0.1
+
+
+@pytest.mark.parametrize("transform", DOWNSCALINGS, ids=lambda t: t.name)
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_equivariance_loss_is_zero_for_a_decoder_that_commutes_with_downscaling(transform, kind):
+    z = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = pixelwise_decoder(z)
+    assert equivariance_loss(pixelwise_decoder, z, images, transform, kind).item() < 1e-6
+    # An upsampling decoder does not commute with antialiased downscaling: its error is clearly positive.
+    blocky = equivariance_loss(upsample_decoder, z.repeat(1, 2, 1, 1), upsample_decoder(z.repeat(1, 2, 1, 1)),
+                               transform, kind)
+    assert blocky.item() > 0.01
+
+
+def test_equivariance_loss_refuses_a_scale_without_a_whole_latent_side():
+    z = torch.randn(1, 3, 6, 6)
+    with pytest.raises(ValueError, match="scale0.7 of a 6x6 tensor is not a whole size: 4.2x4.2"):
+        equivariance_loss(upsample_decoder, z, upsample_decoder(z), SpatialTransform("scale", 0.7), "l1")
+
+
+@pytest.mark.parametrize("transform", [DOWNSCALINGS[1], QUARTER_TURNS[0]], ids=lambda t: t.name)
+def test_equivariance_loss_trains_encoder_and_decoder(transform):
+    torch.manual_seed(0)
+    encoder = torch.nn.Conv2d(3, 4, 2, stride=2)
+    decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0), torch.nn.Conv2d(4, 3, 3, padding=1))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss = equivariance_loss(decoder, encoder(images), images, transform, "l2")
+    loss.backward()
+    for module in (encoder, decoder):
+        for param in module.parameters():
+            assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+
+
+def test_draw_equivariance_step_is_seeded_by_step_and_follows_probability():
+    cfg = EquivarianceConfig(weight=1.0, probability=0.25, scales=[0.5, 0.75], rotations=True)
+    draws = [draw_equivariance_step(cfg, seed=3, step=step) for step in range(400)]
+    assert draws == [draw_equivariance_step(cfg, seed=3, step=step) for step in range(400)]  # same on every rank
+    assert draws != [draw_equivariance_step(cfg, seed=4, step=step) for step in range(400)]
+    assert {t.name for t, _ in draws} == {"scale0.5", "scale0.75", "rot90", "rot180", "rot270"}
+    assert 0.15 < sum(trains for _, trains in draws) / len(draws) < 0.35
+    always = EquivarianceConfig(weight=1.0, probability=1.0, scales=[], rotations=True)
+    assert all(draw_equivariance_step(always, 0, step)[1] for step in range(50))
+
+
+def test_equivariance_error_separates_encoder_and_decoder_sides():
+    images = upsample_decoder(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    average_pool = lambda x: torch.nn.functional.avg_pool2d(x, 2)  # noqa: E731 - inverse of upsample_decoder
+    exact = equivariance_error(average_pool, upsample_decoder, images, scales=[], rotations=True)
+    assert set(exact) == {"reconstruction_error", "decoder_error", "encoder_error",
+                          *(f"{side}/rot{a}" for side in ("decoder_error", "encoder_error") for a in (90, 180, 270))}
+    assert max(exact.values()) < 1e-12
+    # A shifted encoder breaks the encoder side; the decoder side then only repeats the reconstruction error,
+    # since a rotation-commuting decoder makes decode(T z) vs T x a permutation of decode(z) vs x.
+    shifted = lambda x: average_pool(x).roll(1, dims=-1)  # noqa: E731
+    broken = equivariance_error(shifted, upsample_decoder, images, scales=[0.5], rotations=True)
+    assert broken["encoder_error/rot90"] > 0.5 and broken["encoder_error"] > 0.5
+    assert broken["reconstruction_error"] > 0.5
+    assert broken["decoder_error/rot90"] == pytest.approx(broken["reconstruction_error"], rel=1e-6)
+    assert broken["decoder_error"] == pytest.approx(
+        sum(broken[f"decoder_error/{name}"] for name in ("scale0.5", "rot90", "rot180", "rot270")) / 4)
+    with pytest.raises(ValueError, match="at least one transform"):
+        equivariance_error(average_pool, upsample_decoder, images, scales=[], rotations=False)
 
 
 # --------------------------------------------------------------------------------- LPIPS

@@ -14,7 +14,15 @@ from torch import nn
 from raydae.config import Config
 from raydae.data.images import model_input
 from raydae.errors import UserError
-from raydae.losses import adaptive_gan_weight, build_lpips, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from raydae.losses import (
+    adaptive_gan_weight,
+    build_lpips,
+    draw_equivariance_step,
+    equivariance_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    reconstruction_loss,
+)
 from raydae.models import (
     DiagonalGaussianBottleneck,
     build_bottleneck,
@@ -194,6 +202,19 @@ class AutoencoderTask:
             perceptual = self.lpips(images, recon).mean()
             loss = loss + self.config.loss.lpips_weight * perceptual
             logs["loss/lpips"] = perceptual.detach()
+        equivariance = self.config.loss.equivariance
+        if equivariance.weight > 0:
+            # EQ-VAE through this stage's decoder (the auxiliary one in stage 1). Stage 2's latents are frozen,
+            # so there it shapes only the final decoder: decode(T z) = T x is a property of the decoder too.
+            transform, trains = draw_equivariance_step(equivariance, train.seed, step)
+            # Measured on every step, trained on a share of them, so its logged mean is the term itself.
+            with torch.set_grad_enabled(trains):
+                # The plain decoder, outside DDP's forward: its weights get one summed gradient per backward,
+                # as shared weights do, and every rank draws the same transform.
+                eq_loss = equivariance_loss(self.decoder, out.z, images, transform, self.config.loss.reconstruction)
+            if trains:
+                loss = loss + equivariance.weight * eq_loss
+            logs["loss/equivariance"] = eq_loss.detach()
         use_gan = self.disc_unit is not None and step >= disc_cfg.start_step
         if use_gan:
             g_loss = hinge_g_loss(self.disc_unit(recon))
