@@ -65,8 +65,6 @@ def test_prior_codes_from_a_cpu_seed_are_the_same_on_cuda():
         prior.generate(4, y, device="cpu")
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="raydae/eval/complexity.py conv_spectral_norm starts power iteration from a CPU vector")
 def test_spectral_norm_product_of_a_cuda_module():
     conv = nn.Conv2d(2, 4, 3, padding=1).to(CUDA)
     assert spectral_norm_product(conv, (2, 8, 8)) > 0

@@ -93,7 +93,7 @@ def conv_spectral_norm(conv: nn.Conv2d, input_shape: tuple[int, ...], iterations
         return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, *input_shape), generator=generator, dtype=torch.float64)
+    x = torch.randn((1, *input_shape), generator=generator, dtype=torch.float64).to(weight.device)  # CPU seed, any device
     for _ in range(iterations):
         x = (x / x.norm()).requires_grad_(True)
         y = apply(x)
