@@ -183,6 +183,11 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     num_grid_samples: int = 16
+    # A comparable progress signal (what sweeps prune on): at every checkpoint, draw this many samples from the
+    # EMA generator with fixed noise and `probe_sample_steps` DDIM steps, decode them with the final decoder and
+    # report their Fréchet distance to real images (`probe/fd`) in the evaluation's feature space. 0: off.
+    probe_samples: int = 256
+    probe_sample_steps: int = 10
     # Latent sets up to this size are held in Ray's object store, so each epoch restarts without reading
     # Parquet again (that restart was ~10% of a tiny DiT's step time); larger sets stream from Parquet.
     cache_latents_gb: float = 4.0
@@ -509,6 +514,11 @@ def validate(config: Config) -> None:
         if getattr(ev, name) <= ev.knn_k + 1:
             raise UserError(f"config eval.{name}={getattr(ev, name)}: needs more than eval.knn_k + 1 = "
                             f"{ev.knn_k + 1} images for covariances and k-nearest-neighbour manifolds")
+    gen = config.generator_train
+    if gen.probe_samples != 0 and (gen.probe_samples < 16 or gen.probe_sample_steps <= 0):
+        raise UserError(f"config generator_train.probe_samples={gen.probe_samples}, probe_sample_steps="
+                        f"{gen.probe_sample_steps}: the sample probe needs at least 16 samples and 1 step (0 samples "
+                        "turns it off)")
     if config.data.shuffle_buffer < 0:
         raise UserError(f"config data.shuffle_buffer: must be 0 (off) or positive, got {config.data.shuffle_buffer}")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -325,7 +325,7 @@ def _load_arrays(data: bytes) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-def feature_spec(config: Config, cache: RunFolder, images: dict, num_classes: int, remote) -> tuple[FeatureSpec, dict]:
+def feature_spec(config: Config, cache: RunFolder, images: dict, num_classes: int, run_task) -> tuple[FeatureSpec, dict]:
     """The feature networks of this evaluation, and their descriptions for metrics.json."""
     from raydae.eval.inception import RESIZE, resolve_inception_weights
 
@@ -343,7 +343,7 @@ def feature_spec(config: Config, cache: RunFolder, images: dict, num_classes: in
             info = json.loads(cache.read_text(name + ".json"))
         else:
             t0 = time.time()
-            classifier, info = remote(train_shapes_classifier, images["train"], images["val"], num_classes,
+            classifier, info = run_task(train_shapes_classifier, images["train"], images["val"], num_classes,
                                       ev.classifier_steps, ev.seed)
             cache.write_bytes(name, classifier)
             cache.write_text(name + ".json", json.dumps(info, indent=2))
@@ -412,43 +412,82 @@ def run_bounded(jobs: dict, limit: int, options: dict, **kwargs) -> dict:
     return results
 
 
-def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
-    """Everything `eval` measures for a run whose stages (and generator) finished. Ray must be up."""
+def _task_options(config: Config) -> dict:
+    """Ray task options of evaluation: the run's per-worker resources, outside any trial's placement group."""
+    scaling = config.scaling
+    # "DEFAULT" scheduling: inside a sweep trial, tasks would otherwise be captured by the trial's tiny
+    # placement group, where they cannot fit.
+    return {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
+            "scheduling_strategy": "DEFAULT"}
+
+
+def _run_task(config: Config):
+    """`run_task(fn, *args)`: one Ray task with evaluation's resources, waited for."""
     import ray
 
+    options = _task_options(config)
+
+    def run_task(fn, *args):
+        return ray.get(ray.remote(**options)(fn).remote(*args, use_gpu=config.scaling.use_gpu))
+
+    return run_task
+
+
+def _shared_images(config: Config, bundle) -> dict:
+    """Every image any evaluation task needs, read once by the driver and shared through the object store."""
+    import ray
+
+    ev = config.eval
+    train_needed = max(ev.num_real, ev.latent_distance_images if ev.latent_distance_steps > 0 else 0,
+                       CLASSIFIER_IMAGES[0] if ev.classifier_steps > 0 else 0)
+    val_needed = max(ev.num_reconstructions, ev.latent_distance_images // 4,
+                     CLASSIFIER_IMAGES[1] if ev.classifier_steps > 0 else 0)
+    return {"train": ray.put(collect_images(bundle.train, train_needed)),
+            "val": ray.put(collect_images(bundle.val, val_needed))}
+
+
+def _real_cache_name(config: Config, spec: FeatureSpec) -> str:
+    return f"real-{_data_key(config, config.eval.num_real, spec.identity())}.npz"
+
+
+def real_reference(run: RunFolder, config: Config, bundle) -> tuple[FeatureSpec, dict[str, np.ndarray]]:
+    """The feature networks and the real images' features in each of them (trained/embedded once, cached).
+
+    The sample probe needs them before the generator trains; evaluation finds them in the cache later."""
+    cache = RunFolder(run.storage, CACHE_FOLDER)
+    run_task = _run_task(config)
+    images = _shared_images(config, bundle)
+    spec, _ = feature_spec(config, cache, images, len(bundle.label_names), run_task)
+    name = _real_cache_name(config, spec)
+    if cache.exists(name):
+        return spec, _load_arrays(cache.read_bytes(name))
+    real = run_task(embed_real, images["train"], config.eval.num_real, spec, config.eval.batch_size)
+    cache.write_bytes(name, _save_arrays(real))
+    return spec, real
+
+
+def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
+    """Everything `eval` measures for a run whose stages (and generator) finished. Ray must be up."""
     from raydae.eval.inception import inception_score
 
     ev, scaling = config.eval, config.scaling
     started = time.time()
-    # "DEFAULT" scheduling: inside a sweep trial, tasks would otherwise be captured by the trial's tiny
-    # placement group, where they cannot fit.
-    options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
-               "scheduling_strategy": "DEFAULT"}
+    options = _task_options(config)
 
     # At most one task per slot the run trained with (its workers plus the one Ray Data used): a sweep's
     # embedded cluster is sized for exactly that, and a finished trial's evaluation must not starve the
     # trial still training beside it.
     slots = scaling.num_workers + 1
-
-    def remote(fn, *args):
-        return ray.get(ray.remote(**options)(fn).remote(*args, use_gpu=scaling.use_gpu))
-
-    # Every image any task needs, read once by the driver and shared through the object store.
-    train_needed = max(ev.num_real, ev.latent_distance_images if ev.latent_distance_steps > 0 else 0,
-                       CLASSIFIER_IMAGES[0] if ev.classifier_steps > 0 else 0)
-    val_needed = max(ev.num_reconstructions, ev.latent_distance_images // 4,
-                     CLASSIFIER_IMAGES[1] if ev.classifier_steps > 0 else 0)
-    images = {"train": ray.put(collect_images(bundle.train, train_needed)),
-              "val": ray.put(collect_images(bundle.val, val_needed))}
+    images = _shared_images(config, bundle)
     cache = RunFolder(run.storage, CACHE_FOLDER)
-    spec, described = feature_spec(config, cache, images, len(bundle.label_names), remote)
+    spec, described = feature_spec(config, cache, images, len(bundle.label_names), _run_task(config))
 
     stages = {s: run.read_json(f"{s}.done.json")["checkpoint"] for s in config.stages()}
     roles = {"aux_decoder": stages["stage1"], "decoder": stages["stage2"]} if config.train.mode == "dae" \
         else {"decoder": stages["joint"]}
     jobs = {"recon": (reconstruct_and_measure, roles, images["val"], ev.num_reconstructions, spec,
                       ev.batch_size, ev.lipschitz_latents, ev.seed)}
-    real_name = f"real-{_data_key(config, ev.num_real, spec.identity())}.npz"
+    real_name = _real_cache_name(config, spec)
     if not cache.exists(real_name):
         jobs["real"] = (embed_real, images["train"], ev.num_real, spec, ev.batch_size)
     generator_uri = run.read_json("generator.done.json")["checkpoint"] if run.exists("generator.done.json") else None

@@ -115,8 +115,10 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
-              task_options: dict | None = None, report_to_tune: bool = False) -> dict:
+              task_options: dict | None = None, report_to_tune: bool = False, probe: dict | None = None) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
+
+    `probe` (generator stage): the real-image reference rank 0 scores its fixed-noise samples against.
 
     Returns the stage's metrics (read back from the final checkpoint) and that checkpoint's path.
     """
@@ -139,6 +141,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             "tensorboard_dir": tensorboard_dir,
             "tensorboard_upload": tensorboard_upload,
             "task_options": task_options or {},
+            "probe": probe,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources

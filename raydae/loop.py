@@ -25,6 +25,7 @@ import ray.train
 import ray.train.torch
 
 from raydae.config import Config
+from raydae.probe import SampleProbe
 from raydae.tasks import make_task, warmup_scale
 
 STATE_FILE = "state.pt"
@@ -94,6 +95,10 @@ def train_worker(loop_config: dict) -> None:
     # `history` records where each attempt started, so a resumed run can show it did not start over.
     history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world}]
 
+    probe = None  # rank 0 scores a fixed-noise sample at every report: the sweep's comparable signal
+    if rank == 0 and loop_config.get("probe"):
+        gen = config.generator_train
+        probe = SampleProbe(loop_config["probe"], gen.probe_samples, gen.probe_sample_steps)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -187,6 +192,8 @@ def train_worker(loop_config: dict) -> None:
             if step % settings.checkpoint_every == 0 and step < steps:
                 _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
                 means = {key: value / report_steps for key, value in report_sums.items()}
+                if probe is not None:
+                    means.update(_run_probe(probe, task, writer, stage, step))
                 _report(task, config, stage, step, history, {"step": step, **means}, rank)
                 report_sums, report_steps = {}, 0
             tick = time.perf_counter()
@@ -207,6 +214,8 @@ def train_worker(loop_config: dict) -> None:
         if trained_steps:
             metrics["train/images_per_second"] = trained_steps * per_worker_batch * world / max(step_time, 1e-9)
             metrics["train/data_wait_fraction"] = wait_time / max(step_time, 1e-9)
+        if probe is not None:
+            metrics.update(_run_probe(probe, task, writer, stage, step))
         metrics["train/seconds_this_attempt"] = time.perf_counter() - started
         metrics["parameters"] = task.parameter_counts()
         metrics["history"] = history
@@ -219,6 +228,15 @@ def train_worker(loop_config: dict) -> None:
     _report(task, config, stage, step, history, metrics, rank, final=True)
     if writer is not None:
         writer.close()
+
+
+def _run_probe(probe: SampleProbe, task, writer, stage: str, step: int) -> dict[str, float]:
+    scores = probe(task)
+    for key, value in scores.items():
+        writer.add_scalar(f"{stage}/{key}", value, step)
+    print(f"[{stage}] step {step}  probe: {probe.num_samples} samples, Fréchet distance {scores['probe/fd']:.3f} "
+          f"({probe.space} features, {scores['probe/seconds']:.1f}s)", flush=True)
+    return scores
 
 
 def _upload_tensorboard(writer, target: str | None) -> None:

@@ -19,6 +19,8 @@ import yaml
 
 from raydae.config import Config
 from raydae.errors import UserError
+from raydae.evaluate import real_reference
+from raydae.probe import reference_from_features
 from raydae.storage import RunFolder
 from raydae.tasks import describe_signature, latent_signature
 
@@ -195,9 +197,15 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         if config.data.shuffle_buffer > 0:
             train = train.randomize_block_order(seed=config.data.seed)
         datasets = {"train": train, "val": read_latents(latents["uri"], "val")}
+        probe = None
+        if config.generator_train.probe_samples > 0:
+            t0 = time.time()
+            probe = reference_from_features(*real_reference(run, config, bundle))
+            print(f"[generator] sample probe: {config.generator_train.probe_samples} samples at every checkpoint, "
+                  f"scored in {probe['space']} features (reference ready in {time.time() - t0:.0f}s)", flush=True)
         t0 = time.time()
         result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
-                                  task_options=task_options, report_to_tune=options.report_to_tune)
+                                  task_options=task_options, report_to_tune=options.report_to_tune, probe=probe)
         result["wall_seconds"] = time.time() - t0
         run.write_json("generator.done.json", result)
 
@@ -272,6 +280,7 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
             "steps": m.get("step"),
             **{key.split("/", 1)[1]: value for key, value in m.items()
                if key.startswith("val/") and key != "val/latents"},
+            **{key.replace("/", "_"): value for key, value in m.items() if key.startswith("probe/")},
             "latents_per_second": m.get("train/images_per_second"),
             "data_wait_fraction": m.get("train/data_wait_fraction"),
             "wall_seconds": generator.get("wall_seconds"),

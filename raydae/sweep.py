@@ -38,10 +38,11 @@ from raydae.errors import UserError
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("fifo", "asha")
 RUNS_FOLDER = "runs"
-# ASHA compares trials on the generator's training loss at equal generator steps: the reconstruction
-# loss of stage 1 would favour strong auxiliary decoders, the very thing the sweep is asking about.
+# ASHA compares trials at equal generator steps (docs/architecture.md, "Sweeps prune on samples"). The
+# signal is the sample probe's Fréchet distance; the generator's training loss is kept only under a name
+# that says it does not compare latents of different shapes.
 ASHA_TIME = "generator_step"
-ASHA_METRIC = "generator_loss"
+SIGNALS = {"sample_fd": "probe_fd", "train_loss_not_comparable": "generator_loss"}
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Scheduler:
     type: str = "fifo"  # fifo | asha
     grace_period: int = 1  # ASHA: generator steps before a trial may be stopped
     reduction_factor: int = 2
+    # ASHA's signal: sample_fd (the sample probe, comparable across latents) | train_loss_not_comparable
+    signal: str = "sample_fd"
+
+    @property
+    def metric(self) -> str:
+        return SIGNALS[self.signal]
 
 
 @dataclass
@@ -211,9 +218,15 @@ def validate_sweep(spec: SweepSpec, where: str) -> None:
             apply_override(trial, f"{path}={_format(value)}")
     if spec.study:
         _validate_study(spec, base, where)
+    if spec.scheduler.signal not in SIGNALS:
+        raise UserError(f"{where}: scheduler.signal: {spec.scheduler.signal!r} is not one of {', '.join(SIGNALS)}")
     if spec.scheduler.type == "asha" and base.generator == "none":
-        raise UserError(f"{where}: scheduler asha compares trials on the generator's loss, but the base config "
+        raise UserError(f"{where}: scheduler asha compares trials on the generator's samples, but the base config "
                         "trains no generator; set base.set.generator or use scheduler: fifo")
+    if spec.scheduler.type == "asha" and spec.scheduler.signal == "sample_fd" \
+            and base.generator_train.probe_samples <= 0:
+        raise UserError(f"{where}: scheduler asha prunes on the sample probe, but base generator_train.probe_samples "
+                        "is 0; set it (e.g. 256) or scheduler.signal: train_loss_not_comparable")
 
 
 def _validate_study(spec: SweepSpec, base: Config, where: str) -> None:
@@ -322,10 +335,30 @@ def run_trial(params: dict, spec_dict: dict, experiment: str) -> None:
             result[f"eval/{key}"] = number
     if config.generator != "none":
         result[ASHA_TIME] = config.generator_train.steps
+        generator = metrics.get("generator", {})
+        if "probe_fd" in generator:  # the probe at the last step: the finished trial's row shows it too
+            result[SIGNALS["sample_fd"]] = generator["probe_fd"]
     tune.report(result)
 
 
 # ----------------------------------------------------------------------------------------- driver
+def scheduler_metrics(stage: str, report: dict) -> dict:
+    """What a stage's report adds for the sweep's scheduler: generator step and both signals."""
+    if stage != "generator" or "loss/total" not in report:
+        return {}
+    out = {ASHA_TIME: report.get("step", 0), SIGNALS["train_loss_not_comparable"]: report["loss/total"]}
+    if "probe/fd" in report:
+        out[SIGNALS["sample_fd"]] = report["probe/fd"]
+    return out
+
+
+def make_asha(scheduler: Scheduler, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=ASHA_TIME, metric=scheduler.metric, mode="min", max_t=max_t,
+                         grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor)
+
+
 def _check_inception_metric(spec: SweepSpec) -> None:
     """An Inception metric as the target needs the weights: say so before any trial trains."""
     from raydae.eval.inception import resolve_inception_weights
@@ -398,13 +431,7 @@ def run_sweep(path: str, resume: bool = False, address: str | None = None, stora
     else:
         scheduler = None
         if spec.scheduler.type == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(
-                time_attr=ASHA_TIME, metric=ASHA_METRIC, mode="min",
-                max_t=probe.generator_train.steps, grace_period=spec.scheduler.grace_period,
-                reduction_factor=spec.scheduler.reduction_factor,
-            )
+            scheduler = make_asha(spec.scheduler, max_t=probe.generator_train.steps)
         tuner = tune.Tuner(
             trainable,
             param_space=_search_space(spec),
@@ -438,12 +465,12 @@ def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
         else:
             status = "stopped"  # by the scheduler, before the run finished
         rows.append({"trial": name, "status": status, **params, "metric": metric, "value": value,
-                     ASHA_METRIC: metrics.get(ASHA_METRIC), ASHA_TIME: metrics.get(ASHA_TIME)})
+                     **{key: metrics.get(key) for key in SIGNALS.values()}, ASHA_TIME: metrics.get(ASHA_TIME)})
     finished = [row for row in rows if row["status"] == "finished"]
     sign = 1 if spec.mode == "min" else -1
     finished.sort(key=lambda row: sign * row["value"])
     order = finished + [row for row in rows if row["status"] != "finished"]
-    columns = ["trial", "status", *spec.space(), "metric", "value", ASHA_METRIC, ASHA_TIME]
+    columns = ["trial", "status", *spec.space(), "metric", "value", *SIGNALS.values(), ASHA_TIME]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

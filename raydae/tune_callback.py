@@ -11,11 +11,12 @@ import time
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raydae.sweep import ASHA_METRIC, ASHA_TIME
+from raydae.sweep import scheduler_metrics
 
 
 class StageReportCallback(TuneReportCallback):
-    """Tune's Train callback, adding what the sweep's scheduler compares: generator step and loss."""
+    """Tune's Train callback, adding what the sweep's scheduler may compare: generator step, the sample
+    probe's distance and (not comparable across latents) the training loss."""
 
     def __init__(self, stage: str):
         super().__init__()
@@ -25,9 +26,7 @@ class StageReportCallback(TuneReportCallback):
         metrics = [dict(m) for m in metrics]
         first = metrics[0]
         first["stage"] = self.stage
-        if self.stage == "generator" and "loss/total" in first:
-            first[ASHA_TIME] = first.get("step", 0)
-            first[ASHA_METRIC] = first["loss/total"]
+        first.update(scheduler_metrics(self.stage, first))
         super().after_report(run_context, metrics, checkpoint)
 
 

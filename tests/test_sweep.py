@@ -6,6 +6,7 @@ Interrupting a sweep's driver and resuming it is tested on the study (tests/test
 import csv
 import subprocess
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import yaml
 
 from raydae.config import load_config
 from raydae.errors import UserError
-from raydae.sweep import metric_value, parse_sweep, trial_config, trial_name
+from raydae.sweep import (SIGNALS, Scheduler, make_asha, metric_value, parse_sweep, scheduler_metrics,
+                          trial_config, trial_name)
 
 # Seconds-long trials: one tiny autoencoder stage and an 8-step DiT that reports every 2 steps (ASHA's rungs).
 TINY_BASE = {
@@ -115,6 +117,9 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     rows = list(csv.DictReader(open(experiment / "results.csv")))
     assert [row["status"] for row in rows] == ["finished", "stopped"]
     assert float(rows[0]["value"]) == pytest.approx(summary["best"]["value"])
+    # ASHA pruned on the sample probe; each row shows it where the trial ended (the stopped one at its rung).
+    finished_probe, stopped_probe = (float(row[SIGNALS["sample_fd"]]) for row in rows)
+    assert int(rows[1]["generator_step"]) == 4 and stopped_probe > finished_probe > 0
     best = load_config(None, [str(experiment / "best_config.yaml")])
     assert best.generator_train.lr == 1e-3 and best.generator_train.steps == 8
     # The stopped trial's Train workers and controller are gone. (Their placement group is removed by
@@ -123,6 +128,54 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     assert _train_processes(ignore=before) == []
     stopped_run = experiment / "runs" / trial_name({"generator_train.lr": 0.5})
     assert not (stopped_run / "DONE").exists() and (stopped_run / "joint.done.json").exists()
+
+
+def _asha_decisions(signal: str, reports: dict[str, list[dict]]) -> dict[str, str]:
+    """Feed each trial's generator reports (in turn) to a fresh ASHA with this signal; its last decision per trial."""
+    np = pytest.importorskip("numpy")
+    np.random.seed(0)
+    asha = make_asha(Scheduler(type="asha", grace_period=2, reduction_factor=2, signal=signal), max_t=8)
+    trials = {name: SimpleNamespace(trial_id=name) for name in reports}
+    for trial in trials.values():
+        asha.on_trial_add(None, trial)
+    decisions = {}
+    for name, trial in trials.items():
+        for report in reports[name]:
+            decisions[name] = asha.on_trial_result(None, trial, scheduler_metrics("generator", report))
+            if decisions[name] == "STOP":
+                break
+    return decisions
+
+
+def test_asha_prunes_on_the_sample_probe_not_on_a_loss_that_favours_small_latents():
+    # Two latent sizes at the same generator steps: the 2-channel latent scores the lower diffusion loss
+    # (a different quantity on a smaller latent), while its samples are further from the real images.
+    reports = {
+        "latent4": [{"step": 2, "loss/total": 0.50, "probe/fd": 20.0}, {"step": 4, "loss/total": 0.45, "probe/fd": 12.0}],
+        "latent2": [{"step": 2, "loss/total": 0.20, "probe/fd": 45.0}, {"step": 4, "loss/total": 0.18, "probe/fd": 40.0}],
+    }
+    assert _asha_decisions("sample_fd", reports) == {"latent4": "CONTINUE", "latent2": "STOP"}
+    # The same trials in the other order: the worse samples are stopped whatever the latent size.
+    reversed_reports = dict(reversed(list(reports.items())))
+    reversed_reports["latent4"] = [dict(r, **{"probe/fd": r["probe/fd"] + 40}) for r in reports["latent4"]]
+    reversed_reports["latent2"] = [dict(r, **{"probe/fd": r["probe/fd"] - 40}) for r in reports["latent2"]]
+    assert _asha_decisions("sample_fd", reversed_reports) == {"latent2": "CONTINUE", "latent4": "STOP"}
+    # The loss signal, kept under a name that says so, prefers the smaller latent: the artefact it is named for.
+    latent2_first = dict(reversed(list(reports.items())))
+    assert _asha_decisions("train_loss_not_comparable", latent2_first) == {"latent2": "CONTINUE", "latent4": "STOP"}
+    assert _asha_decisions("sample_fd", latent2_first) == {"latent2": "CONTINUE", "latent4": "CONTINUE"}
+
+
+def test_scheduler_metrics_carry_both_signals_only_for_the_generator():
+    report = {"step": 6, "loss/total": 0.3, "probe/fd": 7.5}
+    assert scheduler_metrics("generator", report) == {"generator_step": 6, SIGNALS["train_loss_not_comparable"]: 0.3,
+                                                      SIGNALS["sample_fd"]: 7.5}
+    assert scheduler_metrics("stage1", report) == {}
+    with pytest.raises(UserError, match="probe_samples"):
+        parse_sweep(_sweep(scheduler={"type": "asha"}, base={"preset": "tiny", "set": {
+            "generator": "dit", "generator_train.probe_samples": 0}}))
+    with pytest.raises(UserError, match="scheduler.signal"):
+        parse_sweep(_sweep(scheduler={"type": "asha", "signal": "loss"}))
 
 
 def test_resume_of_a_sweep_that_never_ran_is_refused(tmp_path):

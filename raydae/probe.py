@@ -1,0 +1,69 @@
+"""The sample probe: a small, fixed-noise sample of a training generator, scored against real images.
+
+A generator's training loss is no measure of its latent: a diffusion loss on 2-channel and on 8-channel
+latents are different quantities, and a simpler (or collapsed) latent scores a lower loss while its samples
+get worse. The probe measures what a sweep wants to compare, in image space: at every checkpoint, rank 0
+draws `generator_train.probe_samples` samples from the EMA weights with fixed noise and few DDIM steps,
+decodes them with the run's final decoder and reports their Fréchet distance (`probe/fd`) to the real
+images' statistics in the evaluation's headline feature space. The same noise, count and reference for
+every trial make the number comparable across latent shapes; its cost is reported as `probe/seconds`.
+
+`probe_reference` (driver side, needs Ray for the cached feature networks) builds what `SampleProbe` needs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from raydae.eval.distances import feature_statistics, frechet_from_statistics
+from raydae.evaluate import HEADLINE_ORDER, Embedder, FeatureSpec
+
+PROBE_SEED = 424242  # fixed noise: every checkpoint of every trial draws the same starting latents
+
+
+def probe_metric_name(space: str) -> str:
+    return f"probe/fd_{space}"
+
+
+class SampleProbe:
+    """Scores a generator task's samples against fixed real statistics (one feature space)."""
+
+    def __init__(self, reference: dict, num_samples: int, sample_steps: int, batch_size: int = 256):
+        self.spec: FeatureSpec = reference["spec"]
+        self.space: str = reference["space"]
+        self.mu, self.sigma = reference["mu"], reference["sigma"]
+        self.num_samples, self.sample_steps, self.batch_size = num_samples, sample_steps, batch_size
+        self.embedder: Embedder | None = None
+
+    @torch.no_grad()
+    def __call__(self, task) -> dict[str, float]:
+        started = time.perf_counter()
+        device = next(task.generator_module.parameters()).device
+        if self.embedder is None:
+            self.embedder = Embedder(self.spec, device)
+        features = []
+        for start in range(0, self.num_samples, self.batch_size):
+            n = min(self.batch_size, self.num_samples - start)
+            labels = None
+            if task.conditional:  # the same balanced class mix at every checkpoint
+                labels = torch.arange(start, start + n, device=device) % task.options["num_classes"]
+            images = task.sample(n, seed=PROBE_SEED + start, steps=self.sample_steps, labels=labels)
+            features.append(self.embedder(images)[self.space])
+        mu, sigma = feature_statistics(np.concatenate(features))
+        fd = frechet_from_statistics(mu, sigma, self.mu, self.sigma)
+        return {"probe/fd": fd, probe_metric_name(self.space): fd,
+                "probe/seconds": time.perf_counter() - started}
+
+
+def headline_space(spec: FeatureSpec) -> str:
+    return next(space for space, _ in HEADLINE_ORDER if space in spec.spaces)
+
+
+def reference_from_features(spec: FeatureSpec, real: dict[str, np.ndarray]) -> dict:
+    """What `SampleProbe` needs, from the real images' features in every space of `spec`."""
+    space = headline_space(spec)
+    mu, sigma = feature_statistics(real[space])
+    return {"spec": spec, "space": space, "mu": mu, "sigma": sigma}
