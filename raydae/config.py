@@ -226,6 +226,9 @@ class EvalConfig:
     latent_distance_steps: int = 300
     latent_distance_critic_steps: int = 1000  # fewer left the critic short of its sup (docs/latent_distance.md)
     latent_distance_images: int = 4000
+    # Cheap latent measures (metrics.json latent_quality) on this many held-out images, taken right after the
+    # autoencoder stages, before any generator trains; 0 skips them.
+    latent_quality_images: int = 512
     seed: int = 0
 
 

@@ -26,7 +26,9 @@ import torch
 
 from raydae.config import Config
 from raydae.data.images import model_input
+from raydae.eval.latent_quality import latent_quality
 from raydae.storage import RunFolder
+from raydae.tasks import run_bottleneck
 
 MANIFEST = "manifest.json"
 FORMAT = "raydae-latents-v1"
@@ -177,3 +179,21 @@ def read_latents(uri: str, split: str):
     import ray.data
 
     return ray.data.read_parquet(f"{uri.rstrip('/')}/{split}")
+
+
+def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, use_gpu: bool) -> dict[str, float]:
+    """Cheap measures of the final latent space (raydae.eval.latent_quality) on held-out images, before any
+    generator trains: spectral high-frequency share, channel scale and tails, encoder/decoder equivariance."""
+    from raydae.sampling import load_task  # its checkpoint reader imports Ray Train: only inside the task
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    task = load_task(autoencoder_uri, ("stage2", "joint"), device=str(device))
+    count = min(limit, len(image_set["image"]))
+    images = model_input(torch.tensor(image_set["image"][:count], device=device))
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return run_bottleneck(task.bottleneck, task.encoder(x), sample=False).z
+
+    with torch.no_grad():
+        z = torch.cat([encode(chunk) for chunk in images.split(256)])
+    return latent_quality(z, encoder=encode, decoder=task.decoder, images=images)

@@ -19,12 +19,14 @@ import yaml
 
 from raydae.config import Config
 from raydae.errors import UserError
-from raydae.evaluate import real_reference
+from raydae.evaluate import collect_images, real_reference
+from raydae.latents import measure_latent_space
 from raydae.probe import reference_from_features
 from raydae.storage import RunFolder
 from raydae.tasks import describe_signature, latent_signature
 
 DONE_MARKER = "DONE"
+LATENT_QUALITY_FILE = "latent_quality.json"
 
 
 @dataclass
@@ -147,11 +149,14 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
         run.write_json(marker, result)
         stage_results[stage] = result
 
+    autoencoder = stage_results[config.stages()[-1]]["checkpoint"]
+    latent_measures = _measure_latents(config, run, bundle, autoencoder)
     if config.generator != "none":
-        autoencoder = stage_results[config.stages()[-1]]["checkpoint"]
         stage_results["generator"] = _run_generator(config, run, bundle, autoencoder, options)
 
     metrics = summarise(config, stage_results, bundle, wall_seconds=time.time() - started)
+    if latent_measures:
+        metrics["latent_quality"] = latent_measures
     metrics["run"] = run.uri
     if config.eval.enabled:
         from raydae.evaluate import evaluate_run
@@ -164,6 +169,27 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     run.write_json("metrics.json", metrics)
     run.write_text(DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return metrics
+
+
+def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str) -> dict | None:
+    """The final latent space's cheap measures (latents.measure_latent_space), once per run, as a Ray task."""
+    import ray
+
+    if config.eval.latent_quality_images <= 0:
+        return None
+    if run.exists(LATENT_QUALITY_FILE):
+        return run.read_json(LATENT_QUALITY_FILE)
+    t0 = time.time()
+    images = collect_images(bundle.val, config.eval.latent_quality_images)
+    scaling = config.scaling
+    task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
+                      scheduling_strategy="DEFAULT")(measure_latent_space)
+    measures = ray.get(task.remote(autoencoder_checkpoint, images, config.eval.latent_quality_images,
+                                   use_gpu=scaling.use_gpu))
+    run.write_json(LATENT_QUALITY_FILE, measures)
+    print(f"[latents] measured in {time.time() - t0:.0f}s: high-frequency share {measures['hf_energy']:.3f}, "
+          f"decoder equivariance error {measures.get('equivariance_decoder_error', float('nan')):.4f}", flush=True)
+    return measures
 
 
 def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str, options: RunOptions) -> dict:

@@ -4,6 +4,7 @@ Automatic restart of a stage's workers from its checkpoint is tested with a lost
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def _encoder_of(checkpoint: str) -> dict:
 DAE_DIT = ["scaling.num_workers=2", "generator=dit", "dit.model=DiT-T/2", "train.checkpoint_every=100",
            "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
            "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3",
-           "eval.enabled=true"]
+           "eval.enabled=true", "generator_train.probe_samples=16", "generator_train.probe_sample_steps=2",
+           "eval.latent_quality_images=32"]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,13 @@ def _check_samples_and_skipping(config, options, run_dir: Path, tmp_path: Path, 
 def test_dit_chain_evaluates_writes_samples_and_skips_finished_steps(dae_run, tmp_path, capsys):
     config, options, metrics, run_dir = dae_run
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0
+    # The sample probe scored the final generator; the latent measures were taken before it trained.
+    assert math.isfinite(metrics["generator"]["probe_fd"]) and metrics["generator"]["probe_fd"] > 0
+    assert metrics["generator"]["probe_seconds"] > 0
+    quality = metrics["latent_quality"]
+    assert 0 < quality["hf_energy"] < 1 and quality["channel_std_mean"] > 0
+    assert quality["equivariance_decoder_error"] > 0 and quality["equivariance_encoder_error"] > 0
+    assert json.loads((run_dir / "latent_quality.json").read_text()) == quality
     _check_evaluation(metrics, run_dir, Path(options.storage))
     _check_samples_and_skipping(config, options, run_dir, tmp_path, capsys, ("stage1", "stage2", "generator"))
 

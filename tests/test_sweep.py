@@ -24,7 +24,7 @@ TINY_BASE = {
         "train.mode": "joint", "train.joint_steps": 3, "train.checkpoint_every": 100,
         "generator": "dit", "dit.sample_steps": 2, "generator_train.steps": 8,
         "generator_train.batch_size": 16, "generator_train.checkpoint_every": 2, "generator_train.log_every": 2,
-        "generator_train.warmup_steps": 0,
+        "generator_train.warmup_steps": 0, "generator_train.probe_samples": 32, "generator_train.probe_sample_steps": 2,
     },
 }
 
