@@ -214,9 +214,14 @@ class EvalConfig:
     inception_sha256: str = ""  # pin the file's full SHA-256; "": check the 6726825d prefix its name carries
     randfeat_seed: int = 0
     randfeat_dim: int = 256
-    classifier_steps: int = 1500  # builtin:shapes: the project's own classifier (features, class mix)
+    # Steps of the feature network raydae trains on the real images: a classifier on labelled data (shapesclf,
+    # dataclf: features, class mix), else a self-supervised net (selfsup). 0: none, random features only.
+    classifier_steps: int = 1500
     # A classifier below this held-out accuracy is not used (its features would measure nothing).
     min_classifier_accuracy: float = 0.6
+    # Real images (of the num_real) on which each feature space's sensitivity to blur, noise and patch
+    # shuffling is measured once (metrics.json eval.feature_sensitivity); 0 skips it.
+    sensitivity_images: int = 1000
     knn_k: int = 3  # precision/recall manifolds
     kid_subsets: int = 10
     kid_subset_size: int = 1000

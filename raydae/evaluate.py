@@ -6,10 +6,14 @@ reconstructed by every decoder, and the latent–data distance is estimated. Eac
 in every feature space and returns features only; the driver computes the distances.
 
 Feature spaces, and so metric names (a distance on random-network features is not FID):
-    inception  torchmetrics' Inception from a verified local file  -> fid, kid, is, precision_inception ...
-    shapesclf  a classifier the project trains on builtin:shapes    -> fd_shapesclf, kd_shapesclf ...
-    randfeat   a fixed, seeded random conv net (always)             -> fd_randfeat, kd_randfeat ...
-Real-image features are cached per data set and feature network under `<storage>/eval_cache/`.
+    inception  torchmetrics' Inception from a verified local file      -> fid, kid, is, precision_inception ...
+    shapesclf  a classifier the project trains on builtin:shapes        -> fd_shapesclf, kd_shapesclf ...
+    dataclf    the same classifier on other data with >= 2 classes      -> fd_dataclf, kd_dataclf ...
+    selfsup    a self-supervised net trained on data with fewer classes -> fd_selfsup, kd_selfsup ...
+    randfeat   a fixed, seeded random conv net (always; a weak fallback) -> fd_randfeat, kd_randfeat ...
+Each space's sensitivity to blur, noise and patch shuffling is measured once on the real images
+(eval/sensitivity.py). Real-image features, trained networks and sensitivities are cached per data set
+and feature network under `<storage>/eval_cache/`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,30 @@ import torch
 from raydae.config import Config
 from raydae.data.images import model_input
 from raydae.errors import UserError
+from raydae.eval import RandomFeatureNet, frechet_distance, kernel_distance, precision_recall
+from raydae.eval.classifier import kl_divergence, load_classifier, save_classifier, train_classifier
+from raydae.eval.inception import RESIZE, InceptionFeatures, inception_score, resolve_inception_weights
+from raydae.eval.selfsup import (
+    load_degradation_estimator,
+    save_degradation_estimator,
+    train_degradation_estimator,
+)
+from raydae.eval.sensitivity import DEGRADATIONS, feature_sensitivity
 from raydae.storage import RunFolder
 
-RANDFEAT, CLASSIFIER, INCEPTION = "randfeat", "shapesclf", "inception"
+RANDFEAT, INCEPTION = "randfeat", "inception"
+SHAPES_CLASSIFIER, DATA_CLASSIFIER, SELFSUP = "shapesclf", "dataclf", "selfsup"
 CACHE_FOLDER = "eval_cache"
-# The metric that heads tables and sweeps: the best-founded feature space present.
-HEADLINE_ORDER = ((INCEPTION, "fid"), (CLASSIFIER, "fd_shapesclf"), (RANDFEAT, "fd_randfeat"))
-CLASSIFIER_IMAGES = (10000, 2000)  # train / val images the shapes classifier learns from and is checked on
+# The metric that heads tables and sweeps: the best-founded feature space present. At most one trained
+# space exists per data set; the random net comes last, a weak fallback.
+HEADLINE_ORDER = ((INCEPTION, "fid"), (SHAPES_CLASSIFIER, "fd_shapesclf"), (DATA_CLASSIFIER, "fd_dataclf"),
+                  (SELFSUP, "fd_selfsup"), (RANDFEAT, "fd_randfeat"))
+CLASSIFIER_IMAGES = (10000, 2000)  # train / val images a trained feature network learns from and is checked on
+# Shapes keep their class upside down; photos mostly do not (an upside-down image is off the data), so other
+# data sets get left-right flips only.
+CLASSIFIER_FLIPS = {SHAPES_CLASSIFIER: "hv", DATA_CLASSIFIER: "h"}
+WEAK_FALLBACK = ("fixed random conv features: a weak fallback, nearly blind to blur and noise (see "
+                 "feature_sensitivity); comparable only between runs scored with the same seed and dim")
 
 
 def metric_name(kind: str, space: str) -> str:
@@ -42,6 +63,22 @@ def metric_name(kind: str, space: str) -> str:
     return f"{kind}_{space}"
 
 
+def trained_space(source: str, num_classes: int, steps: int) -> str | None:
+    """The feature network raydae trains for a data set: a classifier where there are classes to learn
+    (`shapesclf` on builtin:shapes, `dataclf` on other data with >= 2 classes), else the self-supervised
+    net (`selfsup`); None when `eval.classifier_steps` is 0."""
+    if steps <= 0:
+        return None
+    if source.strip() == "builtin:shapes":
+        return SHAPES_CLASSIFIER
+    return DATA_CLASSIFIER if num_classes >= 2 else SELFSUP
+
+
+def headline_metric(spaces: list[str]) -> str:
+    """The metric that heads tables and sweeps: the first space of HEADLINE_ORDER that is present."""
+    return next(metric for space, metric in HEADLINE_ORDER if space in spaces)
+
+
 # ------------------------------------------------------------------------------- feature networks
 @dataclass
 class FeatureSpec:
@@ -49,17 +86,26 @@ class FeatureSpec:
 
     randfeat_seed: int
     randfeat_dim: int
-    classifier: bytes | None  # a saved classifier (raydae.eval.classifier) for builtin:shapes
+    classifier: bytes | None  # a saved classifier (raydae.eval.classifier), scoring in `classifier_space`
     inception_path: str | None  # a verified weights file; must be readable on every node
+    classifier_space: str = SHAPES_CLASSIFIER  # shapesclf on builtin:shapes, dataclf on other labelled data
+    selfsup: bytes | None = None  # a saved degradation estimator (raydae.eval.selfsup) for unlabelled data
 
     @property
     def spaces(self) -> list[str]:
-        return [s for s, on in ((INCEPTION, self.inception_path), (CLASSIFIER, self.classifier), (RANDFEAT, True)) if on]
+        present = ((INCEPTION, self.inception_path), (self.classifier_space, self.classifier),
+                   (SELFSUP, self.selfsup), (RANDFEAT, True))
+        return [space for space, on in present if on]
 
     def identity(self) -> str:
         """Changes whenever a feature network changes: keys the real-feature cache."""
         digest = hashlib.sha256(f"{self.randfeat_seed}:{self.randfeat_dim}:{self.inception_path}".encode())
         digest.update(self.classifier or b"")
+        # Only new spaces add to the digest, so the caches of builtin:shapes runs stay valid.
+        if self.classifier_space != SHAPES_CLASSIFIER:
+            digest.update(self.classifier_space.encode())
+        if self.selfsup is not None:
+            digest.update(SELFSUP.encode() + self.selfsup)
         return digest.hexdigest()[:12]
 
 
@@ -67,20 +113,19 @@ class Embedder:
     """Images in [-1, 1] -> features in every space of the spec (+ Inception logits, classifier predictions)."""
 
     def __init__(self, spec: FeatureSpec, device: torch.device):
-        from raydae.eval import RandomFeatureNet
-
         self.device = device
         self.randfeat = RandomFeatureNet(spec.randfeat_seed, spec.randfeat_dim).to(device)
+        self.classifier_space = spec.classifier_space
         self.classifier = None
         if spec.classifier is not None:
-            from raydae.eval.classifier import load_classifier
-
             self.classifier, _ = load_classifier(io.BytesIO(spec.classifier))
             self.classifier.to(device).eval()
+        self.selfsup = None
+        if spec.selfsup is not None:
+            self.selfsup, _ = load_degradation_estimator(io.BytesIO(spec.selfsup))
+            self.selfsup.to(device).eval()
         self.inception = None
         if spec.inception_path:
-            from raydae.eval.inception import InceptionFeatures
-
             self.inception = InceptionFeatures(spec.inception_path).to(device)
 
     @torch.no_grad()
@@ -88,8 +133,10 @@ class Embedder:
         images = images.to(self.device, torch.float32).clamp(-1, 1)
         out = {RANDFEAT: self.randfeat(images)}
         if self.classifier is not None:
-            out[CLASSIFIER] = self.classifier.features(images)
-            out["shapesclf_class"] = self.classifier(images).argmax(dim=1)
+            out[self.classifier_space] = self.classifier.features(images)
+            out[f"{self.classifier_space}_class"] = self.classifier(images).argmax(dim=1)
+        if self.selfsup is not None:
+            out[SELFSUP] = self.selfsup.features(images)
         if self.inception is not None:
             out[INCEPTION], out["inception_logits"] = self.inception(images)
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
@@ -146,6 +193,15 @@ def embed_real(image_set, limit: int, spec: FeatureSpec, batch_size: int, *, use
         bank.add(embed(batch["image"]))
         bank.add({"label": batch["label"].cpu().numpy()})
     return bank.arrays()
+
+
+def measure_sensitivity(image_set, count: int, spec: FeatureSpec, batch_size: int, seed: int, *,
+                        use_gpu: bool) -> dict[str, dict]:
+    """`feature_sensitivity` of every space of `spec` on the first `count` real images: {space: report}."""
+    embed = Embedder(spec, _device(use_gpu))
+    images = model_input(torch.tensor(image_set["image"][:count]))
+    return feature_sensitivity(lambda x: {space: embed(x)[space] for space in spec.spaces}, images, seed=seed,
+                               batch_size=batch_size)
 
 
 def reconstruct_and_measure(checkpoints: dict[str, str], image_set, limit: int, spec: FeatureSpec, batch_size: int,
@@ -260,21 +316,29 @@ def _generator_forward(task, x: torch.Tensor):
     return lambda: task.prior(codes, y)
 
 
-def train_shapes_classifier(train, val, num_classes: int, steps: int, seed: int, *, use_gpu: bool,
-                            limit: int = CLASSIFIER_IMAGES[0]) -> tuple[bytes, dict]:
-    from raydae.eval.classifier import save_classifier, train_classifier
+def _first(image_set, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = min(n, len(image_set["image"]))
+    return model_input(torch.tensor(image_set["image"][:n])), torch.tensor(image_set["label"][:n])
 
-    device = _device(use_gpu)
 
-    def load(image_set, n):
-        n = min(n, len(image_set["image"]))
-        return model_input(torch.tensor(image_set["image"][:n])), torch.tensor(image_set["label"][:n])
-
-    x, y = load(train, limit)
-    model, info = train_classifier(x, y, num_classes, steps=steps, seed=seed, val=load(val, CLASSIFIER_IMAGES[1]),
-                                   device=device)
+def train_feature_classifier(train, val, num_classes: int, steps: int, seed: int, flips: str, *, use_gpu: bool,
+                             limit: int = CLASSIFIER_IMAGES[0]) -> tuple[bytes, dict]:
+    """The classifier of `shapesclf` / `dataclf`, trained on the real images' labels; saved bytes and info."""
+    x, y = _first(train, limit)
+    model, info = train_classifier(x, y, num_classes, steps=steps, flips=flips, seed=seed,
+                                   val=_first(val, CLASSIFIER_IMAGES[1]), device=_device(use_gpu))
     buffer = io.BytesIO()
     save_classifier(model.cpu(), buffer, info)
+    return buffer.getvalue(), info
+
+
+def train_selfsup(train, val, steps: int, seed: int, *, use_gpu: bool,
+                  limit: int = CLASSIFIER_IMAGES[0]) -> tuple[bytes, dict]:
+    """The network of `selfsup`, trained on the real images alone; saved bytes and info."""
+    model, info = train_degradation_estimator(_first(train, limit)[0], steps=steps, seed=seed,
+                                              val=_first(val, CLASSIFIER_IMAGES[1])[0], device=_device(use_gpu))
+    buffer = io.BytesIO()
+    save_degradation_estimator(model.cpu(), buffer, info)
     return buffer.getvalue(), info
 
 
@@ -326,47 +390,80 @@ def _load_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def feature_spec(config: Config, cache: RunFolder, images: dict, num_classes: int, run_task) -> tuple[FeatureSpec, dict]:
-    """The feature networks of this evaluation, and their descriptions for metrics.json."""
-    from raydae.eval.inception import RESIZE, resolve_inception_weights
+    """The feature networks of this evaluation, and their descriptions for metrics.json.
 
+    `run_task(fn, *args)` runs a training function (a Ray task in evaluation); trained networks are cached.
+    """
     ev = config.eval
     inception = resolve_inception_weights(ev.inception_weights, ev.inception_sha256)
-    described = {RANDFEAT: f"RandomFeatureNet(seed={ev.randfeat_seed}, dim={ev.randfeat_dim}): fixed random "
-                           "conv features; comparable only between runs scored with the same seed and dim"}
+    described = {RANDFEAT: f"RandomFeatureNet(seed={ev.randfeat_seed}, dim={ev.randfeat_dim}): {WEAK_FALLBACK}"}
     if inception:
         described[INCEPTION] = f"Inception-v3 pool3 (2048), weights {inception}; resize {RESIZE}"
-    classifier = None
-    if config.data.source.strip() == "builtin:shapes" and ev.classifier_steps > 0:
-        name = f"classifier-{_data_key(config, ev.classifier_steps, ev.seed)}.pt"
-        if cache.exists(name):
-            classifier = cache.read_bytes(name)
-            info = json.loads(cache.read_text(name + ".json"))
-        else:
-            t0 = time.time()
-            classifier, info = run_task(train_shapes_classifier, images["train"], images["val"], num_classes,
-                                      ev.classifier_steps, ev.seed)
-            cache.write_bytes(name, classifier)
-            cache.write_text(name + ".json", json.dumps(info, indent=2))
-            print(f"[eval] trained the shapes classifier in {time.time() - t0:.0f}s "
-                  f"(val accuracy {info.get('val_accuracy', float('nan')):.3f}); cached in {cache.child(name)}",
-                  flush=True)
-        accuracy = info.get("val_accuracy", float("nan"))
-        described[CLASSIFIER] = (f"penultimate features of raydae's shapes classifier ({ev.classifier_steps} steps, "
-                                 f"val accuracy {accuracy:.3f})")
-        if not accuracy >= ev.min_classifier_accuracy:
-            print(f"[eval] the shapes classifier reached only {accuracy:.3f} val accuracy (< eval.min_classifier_"
-                  f"accuracy {ev.min_classifier_accuracy}); not scoring in its feature space. More data or "
-                  "eval.classifier_steps would help", flush=True)
-            described[CLASSIFIER] = f"not used: {described[CLASSIFIER]} is below eval.min_classifier_accuracy"
-            classifier = None
-    spec = FeatureSpec(ev.randfeat_seed, ev.randfeat_dim, classifier, inception)
+    space = trained_space(config.data.source, num_classes, ev.classifier_steps)
+    classifier = selfsup = None
+    if space in (SHAPES_CLASSIFIER, DATA_CLASSIFIER):
+        classifier, described[space] = _trained_classifier(config, cache, images, num_classes, space, run_task)
+        if classifier is None:  # too weak to measure anything: the self-supervised net scores instead
+            space = SELFSUP
+    if space == SELFSUP:
+        selfsup, described[SELFSUP] = _trained_selfsup(config, cache, images, run_task)
+    spec = FeatureSpec(ev.randfeat_seed, ev.randfeat_dim, classifier, inception,
+                       classifier_space=space if classifier else SHAPES_CLASSIFIER, selfsup=selfsup)
     return spec, described
+
+
+def _cached_training(cache: RunFolder, name: str, run_task, fn, *args) -> tuple[bytes, dict, bool]:
+    """A trained network's bytes and info from the cache, or trained now and cached: (bytes, info, trained)."""
+    if cache.exists(name):
+        return cache.read_bytes(name), json.loads(cache.read_text(name + ".json")), False
+    data, info = run_task(fn, *args)
+    cache.write_bytes(name, data)
+    cache.write_text(name + ".json", json.dumps(info, indent=2))
+    return data, info, True
+
+
+def _trained_classifier(config: Config, cache: RunFolder, images: dict, num_classes: int, space: str,
+                        run_task) -> tuple[bytes | None, str]:
+    """The classifier of `space` (None when below eval.min_classifier_accuracy) and its description."""
+    ev, flips = config.eval, CLASSIFIER_FLIPS[space]
+    # builtin:shapes keeps its key (and so the classifiers already cached); other data adds the flips.
+    key = _data_key(config, ev.classifier_steps, ev.seed) if space == SHAPES_CLASSIFIER \
+        else _data_key(config, ev.classifier_steps, ev.seed, space, flips)
+    name = f"classifier-{key}.pt"
+    what = "shapes" if space == SHAPES_CLASSIFIER else "data"
+    t0 = time.time()
+    classifier, info, trained = _cached_training(cache, name, run_task, train_feature_classifier, images["train"],
+                                                 images["val"], num_classes, ev.classifier_steps, ev.seed, flips)
+    accuracy = info.get("val_accuracy", float("nan"))
+    if trained:
+        print(f"[eval] trained the {what} classifier in {time.time() - t0:.0f}s (val accuracy {accuracy:.3f}); "
+              f"cached in {cache.child(name)}", flush=True)
+    text = (f"penultimate features of raydae's {what} classifier ({num_classes} classes, {ev.classifier_steps} "
+            f"steps, flips {flips}, val accuracy {accuracy:.3f})")
+    if accuracy >= ev.min_classifier_accuracy:
+        return classifier, text
+    print(f"[eval] the {what} classifier reached only {accuracy:.3f} val accuracy (< eval.min_classifier_accuracy "
+          f"{ev.min_classifier_accuracy}); scoring in the self-supervised space ({SELFSUP}) instead. More data or "
+          "eval.classifier_steps would help", flush=True)
+    return None, f"not used: {text} is below eval.min_classifier_accuracy"
+
+
+def _trained_selfsup(config: Config, cache: RunFolder, images: dict, run_task) -> tuple[bytes, str]:
+    """The self-supervised network (raydae.eval.selfsup) and its description."""
+    ev = config.eval
+    name = f"selfsup-{_data_key(config, ev.classifier_steps, ev.seed, SELFSUP)}.pt"
+    t0 = time.time()
+    net, info, trained = _cached_training(cache, name, run_task, train_selfsup, images["train"], images["val"],
+                                          ev.classifier_steps, ev.seed)
+    if trained:
+        print(f"[eval] trained the self-supervised feature net in {time.time() - t0:.0f}s (val error of its blur/"
+              f"noise estimates {info.get('val_error', float('nan')):.3f}); cached in {cache.child(name)}", flush=True)
+    return net, (f"penultimate features of raydae's degradation estimator, self-supervised on the real images "
+                 f"({ev.classifier_steps} steps, val error {info.get('val_error', float('nan')):.3f})")
 
 
 def _distances(real: dict, fake: dict, spec: FeatureSpec, config: Config, full: bool) -> dict:
     """Every distance between two embedded sets, in every space, under its proper name."""
-    from raydae.eval import frechet_distance, kernel_distance, precision_recall
-
     ev = config.eval
     out: dict = {}
     for space in spec.spaces:
@@ -383,18 +480,18 @@ def _distances(real: dict, fake: dict, spec: FeatureSpec, config: Config, full: 
     return out
 
 
-def _class_metrics(real: dict, fake: dict, label_names: list[str]) -> dict:
-    if "shapesclf_class" not in fake:
+def _class_metrics(real: dict, fake: dict, label_names: list[str], spec: FeatureSpec) -> dict:
+    """The samples' class mix as the trained classifier sees it (and how often a requested class came out)."""
+    key = f"{spec.classifier_space}_class"
+    if key not in fake:
         return {}
-    from raydae.eval.classifier import kl_divergence
-
     k = len(label_names)
-    fake_hist = np.bincount(fake["shapesclf_class"], minlength=k) / len(fake["shapesclf_class"])
-    real_hist = np.bincount(real["shapesclf_class"], minlength=k) / len(real["shapesclf_class"])
+    fake_hist = np.bincount(fake[key], minlength=k) / len(fake[key])
+    real_hist = np.bincount(real[key], minlength=k) / len(real[key])
     out = {"class_fractions": {name: float(f) for name, f in zip(label_names, fake_hist)},
            "class_kl_to_real": float(kl_divergence(torch.tensor(fake_hist), torch.tensor(real_hist)))}
     if "requested_class" in fake:
-        out["conditional_accuracy"] = float((fake["shapesclf_class"] == fake["requested_class"]).mean())
+        out["conditional_accuracy"] = float((fake[key] == fake["requested_class"]).mean())
     return out
 
 
@@ -450,6 +547,20 @@ def _real_cache_name(config: Config, spec: FeatureSpec) -> str:
     return f"real-{_data_key(config, config.eval.num_real, spec.identity())}.npz"
 
 
+def _sensitivity_images(config: Config) -> int:
+    """How many of the cached real images the sensitivity check uses (0: none)."""
+    count = min(config.eval.sensitivity_images, config.eval.num_real)
+    if 0 < count < 4:
+        raise UserError(f"config eval.sensitivity_images={config.eval.sensitivity_images}: the sensitivity check "
+                        "needs at least 4 images (two halves of 2); 0 turns it off")
+    return count
+
+
+def _sensitivity_cache_name(config: Config, spec: FeatureSpec) -> str:
+    key = _data_key(config, _sensitivity_images(config), spec.identity(), DEGRADATIONS, config.eval.seed)
+    return f"sensitivity-{key}.json"
+
+
 def real_reference(run: RunFolder, config: Config, bundle) -> tuple[FeatureSpec, dict[str, np.ndarray]]:
     """The feature networks and the real images' features in each of them (trained/embedded once, cached).
 
@@ -468,11 +579,10 @@ def real_reference(run: RunFolder, config: Config, bundle) -> tuple[FeatureSpec,
 
 def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     """Everything `eval` measures for a run whose stages (and generator) finished. Ray must be up."""
-    from raydae.eval.inception import inception_score
-
     ev, scaling = config.eval, config.scaling
     started = time.time()
     options = _task_options(config)
+    sensitivity_count = _sensitivity_images(config)
 
     # At most one task per slot the run trained with (its workers plus the one Ray Data used): a sweep's
     # embedded cluster is sized for exactly that, and a finished trial's evaluation must not starve the
@@ -490,6 +600,9 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     real_name = _real_cache_name(config, spec)
     if not cache.exists(real_name):
         jobs["real"] = (embed_real, images["train"], ev.num_real, spec, ev.batch_size)
+    sensitivity_name = _sensitivity_cache_name(config, spec)
+    if sensitivity_count and not cache.exists(sensitivity_name):
+        jobs["sensitivity"] = (measure_sensitivity, images["train"], sensitivity_count, spec, ev.batch_size, ev.seed)
     generator_uri = run.read_json("generator.done.json")["checkpoint"] if run.exists("generator.done.json") else None
     if generator_uri:
         tasks = ev.sample_tasks or scaling.num_workers
@@ -508,11 +621,16 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
         real = results["real"]
     else:
         real = _load_arrays(cache.read_bytes(real_name))
+    if "sensitivity" in results:
+        cache.write_text(sensitivity_name, json.dumps(results["sensitivity"], indent=2))
     recon = results["recon"]
     parts = [results[key] for key in jobs if key.startswith("samples")]
 
     out: dict = {"features": described, "num_real": len(real[RANDFEAT])}
-    out["headline"] = next(metric for space, metric in HEADLINE_ORDER if space in spec.spaces)
+    out["headline"] = headline_metric(spec.spaces)
+    if sensitivity_count:
+        out["feature_sensitivity"] = json.loads(cache.read_text(sensitivity_name))
+        _say_if_blind(out["feature_sensitivity"], out["headline"])
     if generator_uri:
         fake_bank = FeatureBank()
         for part in parts:
@@ -521,7 +639,7 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
         samples = {"num": len(fake[RANDFEAT]), **_distances(real, fake, spec, config, full=True)}
         if INCEPTION in spec.spaces:
             samples["is"], samples["is_std"] = inception_score(torch.from_numpy(fake["inception_logits"]))
-        samples.update(_class_metrics(real, fake, bundle.label_names))
+        samples.update(_class_metrics(real, fake, bundle.label_names, spec))
         out["samples"] = samples
         # STUDY.md: the generator's own error given its decoder, apart from the decoder's share.
         out["samples_vs_reconstructions"] = _distances(recon["decoder"]["features"], fake, spec, config, full=False)
@@ -542,6 +660,16 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
     out["wall_seconds"] = time.time() - started
     _to_tensorboard(run, out)
     return out
+
+
+def _say_if_blind(sensitivity: dict[str, dict], headline: str) -> None:
+    """One line when the headline's features miss a degradation (distances not rising level by level)."""
+    space = next(space for space, metric in HEADLINE_ORDER if metric == headline)
+    report = sensitivity.get(space)
+    if report and not report["monotone"]:
+        missed = [kind for kind in DEGRADATIONS if not report[kind]["monotone"]]
+        print(f"[eval] {headline}: its features do not grow steadily with {', '.join(missed)} "
+              f"(eval.feature_sensitivity.{space}); read it with care", flush=True)
 
 
 def _to_tensorboard(run: RunFolder, results: dict) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from raydae.config import AutoencoderConfig, DecoderConfig
 from raydae.data.shapes import render_shapes
 from raydae.eval.classifier import (
-    ShapesClassifier,
+    ConvClassifier,
     class_distribution,
     kl_divergence,
     load_classifier,
@@ -73,7 +73,7 @@ def test_classifier_save_load_round_trip_gives_identical_features(colour_classif
     save_classifier(model, buffer, info)
     buffer.seek(0)
     loaded, loaded_info = load_classifier(buffer)
-    assert isinstance(loaded, ShapesClassifier) and not loaded.training
+    assert isinstance(loaded, ConvClassifier) and not loaded.training
     assert loaded_info == info
     torch.testing.assert_close(loaded.features(images), model.features(images), rtol=0, atol=0)
     save_classifier(model, tmp_path / "classifier.pt", info)  # a path works too

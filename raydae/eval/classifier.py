@@ -1,8 +1,10 @@
 """A small CNN classifier trained by raydae on real images, used as a domain feature network.
 
-Made for builtin:shapes (label = type of the largest shape), where no pretrained network exists:
-(a) Fréchet / kernel distances on its penultimate features, logged as `fd_shapesclf` and
-`kd_shapesclf` — NOT FID / KID, comparable only between runs scored with the same saved classifier;
+Made for builtin:shapes (label = type of the largest shape), where no pretrained network exists, and
+trained the same way on any labelled data set (an image folder's class sub-folders, a packed set's labels):
+(a) Fréchet / kernel distances on its penultimate features, logged as `fd_shapesclf` / `kd_shapesclf`
+(builtin:shapes) or `fd_dataclf` / `kd_dataclf` (other data) — NOT FID / KID, comparable only between
+runs scored with the same saved classifier;
 (b) the class distribution of generated samples (`class_distribution`, `kl_divergence`).
 
 Plain PyTorch; deterministic for a seed (local generators for initialisation, batch order and flips;
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydae.data.images import model_input
+
+FLIPS = ("hv", "h", "")  # train_classifier's random flips: both axes, left-right only, none
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -38,7 +42,7 @@ def as_model_input(images: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- model
-class ShapesClassifier(nn.Module):
+class ConvClassifier(nn.Module):
     """A stem conv at full resolution, then three stride-2 convs that double the width (w -> 8w),
     with a stride-1 conv after the first two; each conv is 3×3 + BatchNorm + ReLU; global average pool.
 
@@ -91,7 +95,7 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-def _initialise(model: nn.Module, generator: torch.Generator) -> None:
+def initialise_weights(model: nn.Module, generator: torch.Generator) -> None:
     """Normal convs with std 1/sqrt(3·fan_in) (the scale of PyTorch's default init), small-normal
     head, drawn from a local generator so the global RNG is not touched."""
     with torch.no_grad():
@@ -115,18 +119,18 @@ def train_classifier(
     warmup_steps: int = 200,
     weight_decay: float = 5e-4,
     width: int = 16,
-    flips: bool = True,
+    flips: str = "hv",
     seed: int = 0,
     val: tuple[Tensor, Tensor] | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[ShapesClassifier, dict]:
-    """Train a `ShapesClassifier` from scratch; return it frozen (eval mode) and an info dict.
+) -> tuple[ConvClassifier, dict]:
+    """Train a `ConvClassifier` from scratch; return it frozen (eval mode) and an info dict.
 
     Cross-entropy, AdamW, a linear warmup over `warmup_steps` then a cosine decay to 0, batches
     drawn by reshuffling every epoch. The warmup matters: without it, at lr 2e-3 the loss sat at
-    log(num_classes) for the whole run on some seeds (shapes start on a plateau). `flips` adds
-    random horizontal and vertical flips, which keep the label of builtin:shapes (every shape type
-    is closed under mirroring); turn them off for data whose labels are not.
+    log(num_classes) for the whole run on some seeds (shapes start on a plateau). `flips` picks the
+    random flips: "hv" horizontal and vertical, which keep the label of builtin:shapes (every shape type
+    is closed under mirroring); "h" horizontal only; "" none.
 
     Info: `train_accuracy` (on the first 5000 training images), `val_accuracy` (None without
     `val`), `seconds` (training only), `num_train` and the settings. Measured with the defaults
@@ -135,17 +139,19 @@ def train_classifier(
     """
     images = as_model_input(images)
     labels = torch.as_tensor(labels, dtype=torch.long)
+    if flips not in FLIPS:
+        raise ValueError(f"flips must be one of {FLIPS}, got {flips!r}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"need one label per image: {images.shape[0]} images, labels of shape {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    model = ShapesClassifier(num_classes, images.shape[1], width)
-    _initialise(model, generator)
+    model = ConvClassifier(num_classes, images.shape[1], width)
+    initialise_weights(model, generator)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup_steps, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, steps))
 
     n = images.shape[0]
     batch_size = min(batch_size, n)
@@ -157,7 +163,7 @@ def train_classifier(
         cursor += batch_size
         x = images[index]
         if flips:
-            x = _random_flips(x, generator)
+            x = random_flips(x, generator, vertical=flips == "hv")
         loss = F.cross_entropy(model(x.to(device)), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,41 +189,42 @@ def train_classifier(
     return model, info
 
 
-def _warmup_cosine(step: int, warmup_steps: int, steps: int) -> float:
+def warmup_cosine(step: int, warmup_steps: int, steps: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
 
 
-def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
+def random_flips(x: Tensor, generator: torch.Generator, vertical: bool = True) -> Tensor:
+    """Each image mirrored left-right with probability 1/2 (and, with `vertical`, upside down likewise)."""
     flip_w = torch.rand(x.shape[0], generator=generator) < 0.5
-    flip_h = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip_h = torch.rand(x.shape[0], generator=generator) < 0.5  # drawn either way: "hv" runs keep their stream
     x = torch.where(flip_w[:, None, None, None], x.flip(3), x)
-    return torch.where(flip_h[:, None, None, None], x.flip(2), x)
+    return torch.where(flip_h[:, None, None, None], x.flip(2), x) if vertical else x
 
 
-def accuracy(model: ShapesClassifier, images: Tensor, labels: Tensor) -> float:
+def accuracy(model: ConvClassifier, images: Tensor, labels: Tensor) -> float:
     """Fraction of images whose argmax prediction equals the label."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     return float((model.logits(images).argmax(dim=1) == labels).float().mean())
 
 
 # ----------------------------------------------------------------------------- save / load
-def save_classifier(model: ShapesClassifier, path_or_file, info: dict | None = None) -> None:
+def save_classifier(model: ConvClassifier, path_or_file, info: dict | None = None) -> None:
     """Write weights, architecture arguments and `info` with `torch.save` (a path or a binary file object)."""
     torch.save({"config": dict(model.config), "state_dict": model.state_dict(), "info": dict(info or {})}, path_or_file)
 
 
-def load_classifier(path_or_file, map_location: str | torch.device = "cpu") -> tuple[ShapesClassifier, dict]:
+def load_classifier(path_or_file, map_location: str | torch.device = "cpu") -> tuple[ConvClassifier, dict]:
     """Rebuild a saved classifier alone (frozen, eval mode); returns `(model, info)`."""
     payload = torch.load(path_or_file, map_location=map_location, weights_only=True)
-    model = ShapesClassifier(**payload["config"])
+    model = ConvClassifier(**payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.eval().requires_grad_(False), payload["info"]
 
 
 # ------------------------------------------------------------------------ class distribution
-def class_distribution(model: ShapesClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+def class_distribution(model: ConvClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
     """Fraction of images predicted as each class (argmax): a `(num_classes,)` float64 tensor summing to 1."""
     if images.shape[0] == 0:
         raise ValueError("need at least one image for a class distribution")
