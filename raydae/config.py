@@ -130,6 +130,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the stage's last step)
     grad_clip: float = 1.0  # 0 disables clipping
     freeze_quantizer: bool = True  # stage 2 (VQ): keep the codebook fixed with the encoder
     warm_start_decoder: bool = False  # stage 2: start the final decoder from the auxiliary one
@@ -177,6 +178,7 @@ class GeneratorTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
     grad_clip: float = 1.0
     log_every: int = 50
     image_every: int = 500  # TensorBoard grid of samples decoded by the final decoder
@@ -436,6 +438,8 @@ _CHOICES = {
     "loss.reconstruction": ("l1", "l2"),
     "train.mode": ("dae", "joint"),
     "train.precision": ("fp32", "bf16"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "generator_train.lr_schedule": ("constant", "cosine"),
     "dit.schedule": ("linear", "cosine"),
     "dit.prediction": ("eps", "v"),
 }

@@ -156,7 +156,8 @@ def train_worker(loop_config: dict) -> None:
                 # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
             with autocast:
-                logs = task.train_step(batch, step, lr_scale=warmup_scale(step, settings.warmup_steps))
+                lr_scale = warmup_scale(step, settings.warmup_steps, steps, settings.lr_schedule)
+                logs = task.train_step(batch, step, lr_scale=lr_scale)
             step += 1
             trained_steps += 1
             window_images += per_worker_batch * world

@@ -215,3 +215,13 @@ def test_models_losses_and_tasks_import_without_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_constant_stays_flat():
+    from raydae.tasks import warmup_scale
+
+    cosine = [warmup_scale(step, 10, 110, "cosine") for step in range(110)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert cosine[60] == pytest.approx(0.5) and cosine[-1] < 0.01
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:]))  # monotone decay after the warm-up
+    assert [warmup_scale(step, 10, 110) for step in (9, 60, 109)] == [1.0, 1.0, 1.0]

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 
-def warmup_scale(step: int, warmup_steps: int) -> float:
-    """Linear learning-rate warm-up, then constant."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
+def warmup_scale(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
+    """Linear learning-rate warm-up, then constant, or (schedule "cosine") a cosine decay to 0 at total_steps."""
+    scale = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (step - warmup_steps) / (total_steps - warmup_steps)))
+        scale *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return scale
 
 
 def set_learning_rate(optimizers: dict, lr_scale: float) -> None:
