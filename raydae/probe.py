@@ -22,6 +22,9 @@ from raydae.eval.distances import feature_statistics, frechet_from_statistics
 from raydae.evaluate import HEADLINE_ORDER, Embedder, FeatureSpec
 
 PROBE_SEED = 424242  # fixed noise: every checkpoint of every trial draws the same starting latents
+# A diverged generator's samples are not finite and have no Fréchet distance. ASHA needs an ordering (an
+# infinite value makes its percentile cutoff NaN, which stops nothing), so they score this, the worst value.
+DIVERGED_FD = 1e9
 
 
 def probe_metric_name(space: str) -> str:
@@ -52,10 +55,19 @@ class SampleProbe:
                 labels = torch.arange(start, start + n, device=device) % task.options["num_classes"]
             images = task.sample(n, seed=PROBE_SEED + start, steps=self.sample_steps, labels=labels)
             features.append(self.embedder(images)[self.space])
-        mu, sigma = feature_statistics(np.concatenate(features))
-        fd = frechet_from_statistics(mu, sigma, self.mu, self.sigma)
-        return {"probe/fd": fd, probe_metric_name(self.space): fd,
+        fd = _frechet_or_diverged(np.concatenate(features), self.mu, self.sigma)
+        return {"probe/fd": fd, probe_metric_name(self.space): fd, "probe/diverged": float(fd >= DIVERGED_FD),
                 "probe/seconds": time.perf_counter() - started}
+
+
+def _frechet_or_diverged(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    if not np.isfinite(features).all():
+        return DIVERGED_FD
+    try:
+        fd = frechet_from_statistics(*feature_statistics(features), mu, sigma)
+    except np.linalg.LinAlgError:  # a degenerate covariance whose eigenvalues do not converge
+        return DIVERGED_FD
+    return fd if np.isfinite(fd) else DIVERGED_FD
 
 
 def headline_space(spec: FeatureSpec) -> str:

@@ -215,3 +215,18 @@ def test_placement_groups_left_by_a_dead_train_controller_are_reclaimed(ray_sess
     finally:
         ray.kill(living)
         ray.util.remove_placement_group(mine)
+
+
+def test_a_diverged_generator_scores_the_worst_probe_value_and_is_stopped():
+    import numpy as np
+
+    from raydae.probe import DIVERGED_FD, _frechet_or_diverged
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(64, 4))
+    mu, sigma = real.mean(0), np.cov(real, rowvar=False)
+    assert 0 < _frechet_or_diverged(rng.normal(size=(64, 4)), mu, sigma) < 1
+    assert _frechet_or_diverged(np.full((64, 4), np.nan), mu, sigma) == DIVERGED_FD
+    reports = {"fine": [{"step": 2, "loss/total": 0.5, "probe/fd": 20.0}],
+               "diverged": [{"step": 2, "loss/total": float("nan"), "probe/fd": DIVERGED_FD}]}
+    assert _asha_decisions("sample_fd", reports) == {"fine": "CONTINUE", "diverged": "STOP"}
