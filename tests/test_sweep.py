@@ -105,9 +105,10 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     from raydae.sweep import run_sweep
 
     # One trial at a time, so ASHA's comparison is deterministic: the second trial (a learning rate so
-    # large that Adam throws the DiT's weights about) reaches the rung after the first and is far worse.
+    # large that Adam throws the DiT's weights about: its samples are not finite from step 6) reaches the
+    # rung at step 6 after the first, and its sample probe is far worse.
     spec = _sweep(search={"generator_train.lr": {"grid": [1e-3, 0.5]}},
-                  scheduler={"type": "asha", "grace_period": 4, "reduction_factor": 2}, max_concurrent=1)
+                  scheduler={"type": "asha", "grace_period": 6, "reduction_factor": 2}, max_concurrent=1)
     before = frozenset(line.split()[0] for line in _train_processes(timeout=0))  # earlier tests' idle actors
     summary = run_sweep(_write(tmp_path, spec), storage=str(tmp_path / "sweeps"))
     experiment = tmp_path / "sweeps" / "s"
@@ -119,7 +120,7 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     assert float(rows[0]["value"]) == pytest.approx(summary["best"]["value"])
     # ASHA pruned on the sample probe; each row shows it where the trial ended (the stopped one at its rung).
     finished_probe, stopped_probe = (float(row[SIGNALS["sample_fd"]]) for row in rows)
-    assert int(rows[1]["generator_step"]) == 4 and stopped_probe > finished_probe > 0
+    assert int(rows[1]["generator_step"]) == 6 and stopped_probe > finished_probe > 0
     best = load_config(None, [str(experiment / "best_config.yaml")])
     assert best.generator_train.lr == 1e-3 and best.generator_train.steps == 8
     # The stopped trial's Train workers and controller are gone. (Their placement group is removed by
