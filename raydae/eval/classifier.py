@@ -13,6 +13,8 @@ the global RNG and the thread count are left alone).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 import time
 
@@ -155,12 +157,7 @@ def train_classifier(
 
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    order, cursor = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+    for index in shuffled_batches(n, batch_size, steps, generator):
         x = images[index]
         if flips:
             x = random_flips(x, generator, vertical=flips == "hv")
@@ -187,6 +184,16 @@ def train_classifier(
         "seconds": seconds,
     }
     return model, info
+
+
+def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """`steps` index batches, drawn by reshuffling the `n` rows every epoch (the last partial batch is skipped)."""
+    order, cursor = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
 
 
 def warmup_cosine(step: int, warmup_steps: int, steps: int) -> float:

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raydae.eval.classifier import ConvClassifier, as_model_input, initialise_weights, random_flips, warmup_cosine
+from raydae.eval.classifier import (ConvClassifier, as_model_input, initialise_weights, random_flips, shuffled_batches,
+                                    warmup_cosine)
 from raydae.eval.sensitivity import gaussian_blur
 
 MAX_BLUR, MAX_NOISE = 3.0, 0.3  # training strengths reach past the sensitivity check's levels (2.0, 0.2)
@@ -98,12 +99,8 @@ def train_degradation_estimator(
 
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    order, cursor = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        x = random_flips(images[order[cursor : cursor + batch_size]], generator, vertical=False)
-        cursor += batch_size
+    for index in shuffled_batches(n, batch_size, steps, generator):
+        x = random_flips(images[index], generator, vertical=False)
         x, targets = corrupt(x, generator)
         loss = F.mse_loss(model(x.to(device)), targets.to(device))
         optimizer.zero_grad(set_to_none=True)
