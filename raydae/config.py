@@ -79,6 +79,10 @@ class AutoencoderConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the final decoder
     # STUDY.md: a quarter-width auxiliary decoder starved the encoder; start near half width.
     aux_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(width=0.5))
+    # Positive control: a fixed random +-1 pattern over the latent's channels and positions, applied after
+    # the bottleneck and undone before every decoder. Reconstructions stay exactly the same; only the
+    # generator sees a latent without spatial smoothness, which is known to be harder to model.
+    sign_scramble: bool = False
 
 
 # --------------------------------------------------------------------------------------- losses
@@ -539,6 +543,12 @@ def validate(config: Config) -> None:
 
 def _validate_equivariance(config: Config) -> None:
     eq = config.loss.equivariance
+    if config.ae.sign_scramble and config.ae.bottleneck != "kl":
+        raise UserError("config ae.sign_scramble: works with the KL bottleneck only (a sign pattern would change "
+                        "what VQ codes mean); set ae.bottleneck=kl or ae.sign_scramble=false")
+    if config.ae.sign_scramble and eq.weight > 0:
+        raise UserError("config ae.sign_scramble with loss.equivariance.weight > 0: a fixed per-position sign "
+                        "pattern cannot commute with scaling or rotation; use one of the two")
     if eq.weight < 0:
         raise UserError(f"config loss.equivariance.weight: must be >= 0 (0 turns it off), got {eq.weight}")
     if not 0.0 < eq.probability <= 1.0:

@@ -38,7 +38,7 @@ def build_encoder(ae_cfg: AutoencoderConfig) -> Encoder:
 
 def build_bottleneck(ae_cfg: AutoencoderConfig) -> DiagonalGaussianBottleneck | VectorQuantizer:
     if ae_cfg.bottleneck == "kl":
-        return DiagonalGaussianBottleneck(ae_cfg.latent_channels, ae_cfg.kl.weight)
+        return DiagonalGaussianBottleneck(ae_cfg.latent_channels, ae_cfg.kl.weight, ae_cfg.sign_scramble)
     if ae_cfg.bottleneck == "vq":
         vq = ae_cfg.vq
         return VectorQuantizer(

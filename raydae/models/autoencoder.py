@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from raydae.config import AutoencoderConfig, DecoderConfig
+from raydae.models.kl import sign_scramble
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -133,6 +134,7 @@ class Decoder(nn.Module):
         self.up = nn.Sequential(*layers)
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.unscramble = ae_cfg.sign_scramble  # undo the bottleneck's sign pattern (its own inverse)
 
     @property
     def last_layer(self) -> Tensor:
@@ -140,5 +142,7 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:
+        if self.unscramble:
+            z = sign_scramble(z)
         h = self.up(self.mid(self.conv_in(z)))
         return self.conv_out(nn.functional.silu(self.norm_out(h)))

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor, nn
 
 from raydae.models.bottleneck import BottleneckOutput
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite early in training
+SIGN_SCRAMBLE_SEED = 20231211  # one fixed pattern per latent shape, the same in every run
+
+
+@lru_cache(maxsize=8)
+def _sign_pattern(shape: tuple[int, int, int]) -> Tensor:
+    generator = torch.Generator().manual_seed(SIGN_SCRAMBLE_SEED)
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
+def sign_scramble(z: Tensor) -> Tensor:
+    """Multiplies (B, C, h, w) latents by a fixed random +-1 pattern; applying it twice is the identity."""
+    return z * _sign_pattern(tuple(z.shape[1:])).to(device=z.device, dtype=z.dtype)
 
 
 class DiagonalGaussianBottleneck(nn.Module):
@@ -16,10 +30,11 @@ class DiagonalGaussianBottleneck(nn.Module):
     loss = kl_weight * KL(q(z|x) || N(0, I)), summed over latent dims and averaged over the batch.
     """
 
-    def __init__(self, latent_channels: int, kl_weight: float):
+    def __init__(self, latent_channels: int, kl_weight: float, scramble: bool = False):
         super().__init__()
         self.latent_channels = latent_channels
         self.kl_weight = kl_weight
+        self.scramble = scramble  # ae.sign_scramble: the decoder undoes it, the generator sees it
 
     def encode(self, h: Tensor) -> tuple[Tensor, Tensor]:
         if h.shape[1] != 2 * self.latent_channels:
@@ -27,7 +42,8 @@ class DiagonalGaussianBottleneck(nn.Module):
                 f"KL bottleneck expects {2 * self.latent_channels} channels (mean and logvar), got {h.shape[1]}"
             )
         mean, logvar = h.float().chunk(2, dim=1)  # float32: exp/log are fragile under bf16
-        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        # The KL term and N(mean, var) are symmetric under sign flips, so scrambling the mean is enough.
+        return (sign_scramble(mean) if self.scramble else mean), logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def forward(self, h: Tensor, sample: bool = True) -> BottleneckOutput:
         mean, logvar = self.encode(h)
