@@ -159,7 +159,7 @@ class DiTConfig:
     class_conditional: bool = False
     class_dropout: float = 0.1  # label dropout, so one model serves classifier-free guidance
     cfg_scale: float = 1.0  # 1.0: no guidance
-    ema_decay: float = 0.999  # sampling uses the EMA weights
+    ema_decay: float = 0.999  # sampling uses the EMA weights; warmed up as min(decay, (1+step)/(10+step))
 
 
 @dataclass

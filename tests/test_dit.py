@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from raydae.diffusion import GaussianDiffusion
-from raydae.ema import ExponentialMovingAverage, ema_copy, ema_update
+from raydae.ema import ExponentialMovingAverage, ema_copy, ema_update, warmed_up_decay
 from raydae.errors import UserError
 from raydae.models.dit import DIT_MODELS, DiT, build_dit
 
@@ -318,6 +318,28 @@ def test_ema_decay_zero_copies_and_one_keeps():
     ema.update(model, decay=0.0)
     for name, value in model.state_dict().items():
         assert torch.equal(ema.state_dict()[name], value), name
+
+
+def test_warmed_up_ema_forgets_the_random_initial_weights():
+    # A constant 0.999 keeps 0.999 ** 2000 = 13.5 % of the initial weights after 2 000 steps.
+    torch.manual_seed(0)
+    model = Toy()
+    initial = ema_copy(model)
+    constant, warmed = ema_copy(model), ema_copy(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(5.0)  # the trained weights, far from the initial ones
+    for step in range(2000):
+        ema_update(constant, model, 0.999)
+        ema_update(warmed, model, warmed_up_decay(0.999, step))
+    init_share = {}
+    for name, ema_model in (("constant", constant), ("warmed", warmed)):
+        weight = dict(ema_model.named_parameters())["linear.weight"]
+        start, end = dict(initial.named_parameters())["linear.weight"], model.linear.weight
+        init_share[name] = ((end - weight) / (end - start)).mean().item()
+    assert init_share["constant"] == pytest.approx(0.999 ** 2000, rel=1e-3)
+    assert init_share["warmed"] < 1e-3
+    assert warmed_up_decay(0.999, 0) == pytest.approx(0.1) and warmed_up_decay(0.999, 10**6) == 0.999
 
 
 def test_ema_rejects_mismatched_models():

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from raydae.config import Config
 from raydae.diffusion import GaussianDiffusion
-from raydae.ema import ema_copy, ema_update
+from raydae.ema import ema_copy, ema_update, warmed_up_decay
 from raydae.errors import UserError
 from raydae.models import build_bottleneck, build_decoder, count_parameters
 from raydae.models.dit import build_dit
@@ -135,7 +135,7 @@ class DiTTask(GeneratorTask):
         kwargs = {"y": batch["label"]} if self.conditional else {}
         loss = self.diffusion.training_loss(self.trained_unit, x0, model_kwargs=kwargs)
         self.optimise(loss, lr_scale)
-        ema_update(self.dit_ema, self.dit, self.config.dit.ema_decay)
+        ema_update(self.dit_ema, self.dit, warmed_up_decay(self.config.dit.ema_decay, step))
         value = float(loss.detach())
         return {"loss/total": value, "loss/diffusion": value}
 
