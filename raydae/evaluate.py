@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raydae.checkpoints import load_generator, load_task
 from raydae.config import Config
 from raydae.data.images import model_input
 from raydae.errors import UserError
@@ -218,7 +219,6 @@ def reconstruct_and_measure(checkpoints: dict[str, str], image_set, limit: int, 
         spectral_norm_product,
     )
     from raydae.models import count_parameters
-    from raydae.sampling import load_task
     from raydae.tasks import run_bottleneck
 
     device = _device(use_gpu)
@@ -275,7 +275,6 @@ def sample_and_embed(generator_uri: str, start: int, count: int, seed: int, spec
     """Samples `start .. start+count` of the evaluation set; seeds depend only on (seed, index of the chunk)."""
     from raydae.eval.complexity import count_flops
     from raydae.models import count_parameters
-    from raydae.sampling import load_generator
 
     device = _device(use_gpu)
     task = load_generator(generator_uri, device=str(device))
@@ -347,7 +346,6 @@ def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, cr
     """docs/latent_distance.md: the final decoder's class trained on the frozen latents against a fixed critic."""
     from raydae.eval.latent_distance import estimate_latent_distance
     from raydae.models import build_decoder
-    from raydae.sampling import load_task
     from raydae.tasks import run_bottleneck
 
     device = _device(use_gpu)

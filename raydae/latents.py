@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raydae.checkpoints import load_checkpoint_state, load_task
 from raydae.config import Config
 from raydae.data.images import model_input
 from raydae.eval.latent_quality import latent_quality
+from raydae.models import build_bottleneck, build_encoder
 from raydae.storage import RunFolder
-from raydae.tasks import run_bottleneck
+from raydae.tasks import latent_signature, run_bottleneck
 
 MANIFEST = "manifest.json"
 FORMAT = "raydae-latents-v1"
@@ -75,9 +77,6 @@ class EncodeBatch:
     """Ray Data actor: builds the frozen encoder once, then encodes batches of images."""
 
     def __init__(self, checkpoint_uri: str, use_gpu: bool = False):
-        from raydae.loop import load_checkpoint_state
-        from raydae.models import build_bottleneck, build_encoder
-
         state = load_checkpoint_state(checkpoint_uri)
         config = Config.from_dict(state["config"])
         self.bottleneck_kind = config.ae.bottleneck
@@ -117,8 +116,6 @@ def latent_folder(storage: str, key: str) -> RunFolder:
 
 def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, storage: str) -> LatentSet:
     """Encode `bundle.train` and `bundle.val` unless latents for this key are already stored."""
-    from raydae.tasks import latent_signature
-
     key = encoder_key(state, config)
     folder = latent_folder(storage, key)
     if folder.exists(MANIFEST):
@@ -184,8 +181,6 @@ def read_latents(uri: str, split: str):
 def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, use_gpu: bool) -> dict[str, float]:
     """Cheap measures of the final latent space (raydae.eval.latent_quality) on held-out images, before any
     generator trains: spectral high-frequency share, channel scale and tails, encoder/decoder equivariance."""
-    from raydae.sampling import load_task  # its checkpoint reader imports Ray Train: only inside the task
-
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     task = load_task(autoencoder_uri, ("stage2", "joint"), device=str(device))
     count = min(limit, len(image_set["image"]))

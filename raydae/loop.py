@@ -1,7 +1,8 @@
 """The one training skeleton, run on every Ray Train worker, for every stage.
 
 It is the only module that knows the Train worker API (`get_context`, `get_checkpoint`,
-`get_dataset_shard`, `report`). What is trained, frozen and logged comes from the task (`tasks.py`).
+`get_dataset_shard`, `report`). What is trained, frozen and logged comes from the task (`tasks/`); the
+checkpoint format is `checkpoints.py`'s.
 
 Per worker: restore from the latest registered checkpoint (Ray hands it back after a worker failure
 and when the same run name is started again), else start from the previous stage's checkpoint when
@@ -14,7 +15,6 @@ at the end rank 0 evaluates on the validation split and reports a final checkpoi
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,45 +24,10 @@ import torch
 import ray.train
 import ray.train.torch
 
+from raydae.checkpoints import load_checkpoint_state, load_state, save_training_state
 from raydae.config import Config
 from raydae.probe import SampleProbe
 from raydae.tasks import make_task, warmup_scale
-
-STATE_FILE = "state.pt"
-
-
-def save_training_state(folder: str, task, config: Config, stage: str, step: int, history: list) -> None:
-    state = {
-        "format": "raydae-checkpoint-v1",
-        "config": config.to_dict(),
-        "stage": stage,
-        "step": step,
-        "models": {name: module.state_dict() for name, module in task.models.items()},
-        "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
-        "history": history,
-        # What a task needs beyond the config to rebuild itself (e.g. DiT's latent scale).
-        "task_options": getattr(task, "options", {}),
-    }
-    torch.save(state, os.path.join(folder, STATE_FILE))
-    Path(folder, "config.yaml").write_text(config.to_yaml())
-
-
-def load_state(folder: str) -> dict:
-    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
-
-
-def load_checkpoint_state(uri: str) -> dict:
-    """The training state of a checkpoint given by path or URI (local, NFS or s3://)."""
-    with ray.train.Checkpoint(uri).as_directory() as folder:
-        return load_state(folder)
-
-
-def read_checkpoint_file(uri: str, name: str) -> str | None:
-    """A small file (config.yaml, metrics.json) of a checkpoint, or None when it has none."""
-    with ray.train.Checkpoint(uri).as_directory() as folder:
-        path = Path(folder, name)
-        return path.read_text() if path.is_file() else None
-
 
 def train_worker(loop_config: dict) -> None:
     config = Config.from_dict(loop_config["config"])

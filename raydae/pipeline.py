@@ -17,11 +17,13 @@ from dataclasses import dataclass
 
 import yaml
 
+from raydae.checkpoints import load_checkpoint_state, load_generator, read_checkpoint_file
 from raydae.config import Config
 from raydae.errors import UserError
 from raydae.evaluate import collect_images, real_reference
 from raydae.latents import measure_latent_space
 from raydae.probe import reference_from_features
+from raydae.sampling import save_grid
 from raydae.storage import RunFolder
 from raydae.tasks import describe_signature, latent_signature
 
@@ -196,7 +198,6 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
     """Latents (once per encoder and data) -> the generator stage -> a grid of samples in the run folder."""
     from raydae import launch
     from raydae.latents import encode_dataset, read_latents
-    from raydae.loop import load_checkpoint_state
 
     if run.exists("latents.done.json"):
         latents = run.read_json("latents.done.json")
@@ -236,8 +237,6 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         run.write_json("generator.done.json", result)
 
     if not run.exists("samples.png"):
-        from raydae.sampling import load_generator, save_grid
-
         task = load_generator(result["checkpoint"])
         images = task.sample(64, seed=0)
         local = save_grid(images, None)
@@ -256,8 +255,6 @@ def latent_set_gigabytes(manifest: dict) -> float:
 
 def _read_checkpoint_metrics(uri: str) -> dict:
     import json
-
-    from raydae.loop import read_checkpoint_file
 
     text = read_checkpoint_file(uri, "metrics.json")
     return json.loads(text) if text else {}
@@ -325,8 +322,6 @@ def summarise(config: Config, stage_results: dict, bundle, wall_seconds: float) 
 
 
 def _read_checkpoint_config(uri: str) -> Config:
-    from raydae.loop import read_checkpoint_file
-
     missing = f"{uri}: not a raydae checkpoint folder (no readable config.yaml)"
     try:
         text = read_checkpoint_file(uri, "config.yaml")

@@ -1,7 +1,8 @@
-"""Draw samples from a finished run's generator and write them as PNGs (no Ray needed).
+"""Draw samples from a finished run's generator and write them as PNGs (`raydae sample`; no Ray cluster needed).
 
 The generator checkpoint holds everything: its config, the generator (EMA weights for DiT), the frozen
-final decoder (and VQ codebook) and the task options (latent shape, classes, latent scale).
+final decoder (and VQ codebook) and the task options (latent shape, classes, latent scale); it is read
+through `checkpoints.load_generator`.
 """
 
 from __future__ import annotations
@@ -14,31 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raydae.config import Config
+from raydae.checkpoints import load_generator
 from raydae.errors import UserError
 from raydae.storage import RunFolder
-
-
-def load_task(checkpoint_uri: str, stages: tuple[str, ...], device: str | None = None):
-    """The task of a finished checkpoint with its trained weights, frozen, on `device` (default: GPU if any)."""
-    from raydae.loop import load_checkpoint_state
-    from raydae.tasks import make_task
-
-    state = load_checkpoint_state(checkpoint_uri)
-    if state.get("stage") not in stages:
-        raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a {' or '.join(stages)} one")
-    config = Config.from_dict(state["config"])
-    task = make_task(config, state["stage"], state.get("task_options"))
-    for name, module in task.models.items():
-        module.load_state_dict(state["models"][name])
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for module in task.models.values():
-        module.to(target).eval().requires_grad_(False)
-    return task
-
-
-def load_generator(checkpoint_uri: str, device: str | None = None):
-    return load_task(checkpoint_uri, ("generator",), device)
+from raydae.tasks import make_grid
 
 
 def generator_checkpoint(run_dir: str) -> str:
@@ -59,8 +39,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_grid(images: torch.Tensor, path: str | None, nrow: int | None = None, pad: int = 2) -> bytes:
     """Tile images into one PNG (white gaps); writes it to `path` when given, returns the bytes."""
-    from raydae.tasks import make_grid
-
     grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), pad=pad)  # CHW in [0, 1]
     canvas = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
