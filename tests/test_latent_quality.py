@@ -13,8 +13,10 @@ from raydae.eval.latent_quality import (
     equivariance_errors,
     high_frequency_energy,
     latent_quality,
+    probe_generator_loss,
     radial_frequency,
 )
+from raydae.models.kl import sign_scramble
 from raydae.stats import average_ranks, spearman, spearman_bootstrap
 
 
@@ -177,3 +179,16 @@ def test_bootstrap_interval_contains_rho_and_shrinks_with_more_runs():
                                                               "high": -1.0, "n": 4}
     y = rng.normal(size=10)
     assert spearman_bootstrap(np.arange(10.0), y) == spearman_bootstrap(np.arange(10.0), y)  # fixed seed
+
+
+def test_probe_generator_ranks_a_smooth_latent_below_its_scrambled_twin_and_noise():
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.randn(256, 4, 2, 2), size=8, mode="bilinear")
+    smooth = smooth + 0.05 * torch.randn_like(smooth)
+    losses = {name: probe_generator_loss(z, steps=60) for name, z in
+              (("smooth", smooth), ("scrambled", sign_scramble(smooth)), ("noise", torch.randn(256, 4, 8, 8)))}
+    assert losses["smooth"] < losses["scrambled"] < losses["noise"]
+    assert losses["noise"] > 0.8  # unstructured latents: close to what predicting zero scores (1)
+    assert probe_generator_loss(smooth, steps=60) == losses["smooth"]  # fixed draws: the same number again
+    with pytest.raises(ValueError, match=">= 10 latents"):
+        probe_generator_loss(smooth[:5], steps=10)

@@ -1,7 +1,8 @@
 """Cheap measures of a latent space, taken right after the autoencoder stages, before any generator trains.
 
-Plain PyTorch: spectral high-frequency energy, per-channel scale and tails, and (through
-`raydae.losses.equivariance_error`) how far encode/decode are from commuting with image transforms.
+Plain PyTorch: spectral high-frequency energy, per-channel scale and tails, (through
+`raydae.losses.equivariance_error`) how far encode/decode are from commuting with image transforms, and
+the held-out loss of a small probe generator trained briefly on the latents.
 `latent_quality` returns them as a flat dict of floats, the `latent_quality` section of metrics.json;
 `raydae report` ranks them against the final sample distance over a sweep (Spearman ρ).
 """
@@ -15,11 +16,17 @@ import torch
 from torch import Tensor
 
 from raydae import losses
+from raydae.diffusion import GaussianDiffusion
+from raydae.models.dit import DiT
 
 HF_CUTOFF = 0.5  # share of energy above half the Nyquist frequency (radially)
 # EQ-VAE's downscalings, fixed here rather than taken from a run's config, so every run of a sweep is
 # measured under the same transforms (0.5 and 0.75 of the latent side must be whole, e.g. side 8).
 EQUIVARIANCE_SCALES = (0.5, 0.75)
+# The probe generator: one fixed small DiT, schedule and budget for every run, so its held-out loss compares
+# latents (each normalised to unit std first, as the generator sees them) rather than model settings.
+PROBE_GENERATOR = dict(hidden_size=128, depth=2, num_heads=4)
+PROBE_TIMESTEPS = 1000
 KEYS = ("hf_energy", "channel_std_mean", "channel_std_min", "channel_std_min_ratio", "kurtosis_max_abs",
         "kurtosis_mean")  # stable: they are the keys under metrics.json["latent_quality"]
 
@@ -99,11 +106,48 @@ def equivariance_errors(encoder: Callable[[Tensor], Tensor], decoder: Callable[[
     return {_metric_name(name): float(value) for name, value in result.items()}
 
 
+def probe_generator_loss(z: Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3, held_out: float = 0.2,
+                         seed: int = 0) -> float:
+    """Held-out v-prediction loss of a small unconditional DiT after `steps` steps on these latents.
+
+    z: (N, C, H, W), N >= 10. The latents are scaled to unit std (the generator's normalisation); the last
+    `held_out` share is scored at fixed timesteps and noise. Lower means the latent is easier to fit in a
+    short budget; a loss of 1 is what predicting zero scores. Same draws for every run (seed)."""
+    z = _check_latents(z).float()
+    if z.shape[0] < 10 or steps < 1:
+        raise ValueError(f"probe generator: needs >= 10 latents and >= 1 step, got {z.shape[0]} and {steps}")
+    z = z / z.std().clamp_min(1e-8)
+    count = z.shape[0] - max(int(z.shape[0] * held_out), 2)
+    train, test = z[:count], z[count:]
+    height, width = z.shape[2:]
+    patch = 2 if height % 2 == 0 and width % 2 == 0 else 1
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DiT(input_size=(height, width), patch_size=patch, in_channels=z.shape[1], **PROBE_GENERATOR)
+    diffusion = GaussianDiffusion(PROBE_TIMESTEPS, schedule="cosine", prediction="v")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, count, (min(batch_size, count),), generator=generator)
+        loss = diffusion.training_loss(model, train[rows], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    scoring = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        t = torch.randint(0, PROBE_TIMESTEPS, (test.shape[0],), generator=scoring)
+        noise = torch.randn(test.shape, generator=scoring)
+        return float(diffusion.training_loss(model, test, noise=noise, t=t))
+
+
 def latent_quality(z: Tensor, encoder: Callable[[Tensor], Tensor] | None = None,
                    decoder: Callable[[Tensor], Tensor] | None = None, images: Tensor | None = None,
                    cutoff: float = HF_CUTOFF, scales: Sequence[float] = EQUIVARIANCE_SCALES,
-                   rotations: bool = True) -> dict[str, float]:
-    """The flat dict stored as metrics.json["latent_quality"]: KEYS, plus equivariance_* with encoder, decoder, images.
+                   rotations: bool = True, probe_steps: int = 0) -> dict[str, float]:
+    """The flat dict stored as metrics.json["latent_quality"]: KEYS, plus equivariance_* with encoder, decoder,
+    images, plus probe_generator_loss when probe_steps > 0.
 
     z: (N, C, H, W) latents of held-out images from the frozen encoder (posterior means are fine).
     encoder, decoder, images: as for `equivariance_errors` (all three or none); scales, rotations go there.
@@ -122,4 +166,6 @@ def latent_quality(z: Tensor, encoder: Callable[[Tensor], Tensor] | None = None,
         raise ValueError("latent_quality: equivariance needs encoder, decoder and images together")
     if all(given):
         out.update(equivariance_errors(encoder, decoder, images, scales, rotations))
+    if probe_steps > 0:
+        out["probe_generator_loss"] = probe_generator_loss(z, probe_steps)
     return out
