@@ -240,6 +240,9 @@ class EvalConfig:
     # Cheap latent measures (metrics.json latent_quality) on this many held-out images, taken right after the
     # autoencoder stages, before any generator trains; 0 skips them.
     latent_quality_images: int = 512
+    # ... and the held-out loss of a fixed small DiT trained this many steps on those latents
+    # (latent_quality.probe_generator_loss); 0 skips it.
+    latent_probe_steps: int = 200
     seed: int = 0
 
 
@@ -530,6 +533,10 @@ def validate(config: Config) -> None:
         if getattr(ev, name) <= ev.knn_k + 1:
             raise UserError(f"config eval.{name}={getattr(ev, name)}: needs more than eval.knn_k + 1 = "
                             f"{ev.knn_k + 1} images for covariances and k-nearest-neighbour manifolds")
+    if ev.latent_probe_steps < 0 or (ev.latent_probe_steps > 0 and 0 < ev.latent_quality_images < 50):
+        raise UserError(f"config eval.latent_probe_steps={ev.latent_probe_steps} with eval.latent_quality_images="
+                        f"{ev.latent_quality_images}: the probe generator needs steps >= 0 and, when on, at least 50 "
+                        "images (0 steps turns it off)")
     gen = config.generator_train
     if gen.probe_samples != 0 and (gen.probe_samples < 16 or gen.probe_sample_steps <= 0):
         raise UserError(f"config generator_train.probe_samples={gen.probe_samples}, probe_sample_steps="
