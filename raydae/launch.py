@@ -115,7 +115,7 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
-              task_options: dict | None = None, report_to_tune: bool = False, probe: dict | None = None) -> dict:
+              task_options: dict | None = None, callbacks: list | None = None, probe: dict | None = None) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
 
     `probe` (generator stage): the real-image reference rank 0 scores its fixed-noise samples against.
@@ -151,8 +151,8 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             storage_path=run.uri,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, settings.keep_checkpoints)),
-            # Inside a sweep's trial: forward every report to Tune, so its scheduler can stop the trial.
-            callbacks=[_tune_callback(stage)] if report_to_tune else None,
+            # Inside a sweep's trial: callbacks that forward every report to Tune (sweep.report_to_tune).
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # Every worker sees the whole validation split; only rank 0 evaluates it.
@@ -169,12 +169,6 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
     path = result.checkpoint.path
     uri = path if run.is_local else f"{run.uri.split('://')[0]}://{path.lstrip('/')}"
     return {"metrics": metrics, "checkpoint": uri}
-
-
-def _tune_callback(stage: str):
-    from raydae.tune_callback import StageReportCallback
-
-    return StageReportCallback(stage)
 
 
 def _worker_error_line(err: Exception) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import yaml
 
@@ -39,7 +40,12 @@ class RunOptions:
     overwrite: bool = False
     address: str | None = None
     stage1_from: str | None = None  # reuse a finished stage-1 checkpoint (folder or URI) for stage 2
-    report_to_tune: bool = False  # inside a sweep trial: forward each stage's reports to Ray Tune
+    # Inside a sweep trial: stage -> Ray Train callbacks that forward the stage's reports to Ray Tune.
+    stage_callbacks: Callable[[str], list] | None = None
+
+
+def _stage_callbacks(options: RunOptions, stage: str) -> list | None:
+    return options.stage_callbacks(stage) if options.stage_callbacks else None
 
 
 def default_run_name(config: Config) -> str:
@@ -146,7 +152,7 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
                 _check_stage_compatibility(config, init_from)
         t0 = time.time()
         result = launch.fit_stage(config, stage, run, datasets, init_from=init_from,
-                                  report_to_tune=options.report_to_tune)
+                                  callbacks=_stage_callbacks(options, stage))
         result["wall_seconds"] = time.time() - t0
         run.write_json(marker, result)
         stage_results[stage] = result
@@ -232,7 +238,8 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
                   f"scored in {probe['space']} features (reference ready in {time.time() - t0:.0f}s)", flush=True)
         t0 = time.time()
         result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
-                                  task_options=task_options, report_to_tune=options.report_to_tune, probe=probe)
+                                  task_options=task_options, callbacks=_stage_callbacks(options, "generator"),
+                                  probe=probe)
         result["wall_seconds"] = time.time() - t0
         run.write_json("generator.done.json", result)
 

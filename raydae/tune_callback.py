@@ -1,8 +1,8 @@
 """Sweep callbacks: the Ray Train callback that forwards a stage's reports to Tune inside a trial, and the
 driver's Tune callback that reclaims placement groups a stopped trial left behind.
 
-Its own module because both subclass classes from `ray.tune`; `launch` imports it only when a stage runs
-inside a trial, `sweep` only in the driver, so plain runs never import Tune."""
+Its own module because both subclass classes from `ray.tune`; only `sweep` imports it (a trial hands
+`StageReportCallback` to its stages through `RunOptions.stage_callbacks`), so plain runs never import Tune."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raydae.sweep import scheduler_metrics
+from raydae.sweep_spec import scheduler_metrics
 
 
 class StageReportCallback(TuneReportCallback):

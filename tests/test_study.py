@@ -12,7 +12,7 @@ import yaml
 
 from raydae.errors import UserError
 from raydae.study import compare, markdown, paired_difference, spread, stage1_outliers, t_quantile_975
-from raydae.sweep import ARM_KEY, SEED_KEY, parse_sweep, trial_config
+from raydae.sweep_spec import ARM_KEY, SEED_KEY, parse_sweep, trial_config
 
 
 def test_spread_and_paired_difference_on_fixed_numbers():
@@ -113,7 +113,7 @@ def test_study_file_checks():
 def test_shipped_study_files_parse():
     from pathlib import Path
 
-    from raydae.sweep import load_sweep
+    from raydae.sweep_spec import load_sweep
 
     files = sorted(Path(__file__).parent.parent.joinpath("studies").glob("*.yaml"))
     assert files, "studies/ ships no study file"
