@@ -72,6 +72,7 @@ def test_config_command_prints_the_resolved_config(tmp_path):
     assert load_config("tiny", overrides=["ae.latent_channels=5"]).to_yaml() == proc.stdout
 
 
+@pytest.mark.ray
 def test_gpus_requested_where_the_cluster_has_none(ray_session):
     from raydae.launch import check_resources
 

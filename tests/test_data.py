@@ -92,6 +92,7 @@ def test_shapes_are_deterministic_and_well_formed():
     assert set(many.tolist()) == set(range(len(SHAPE_NAMES)))
 
 
+@pytest.mark.ray
 def test_shapes_datasets_iterate_as_model_input(ray_session):
     cfg = DataConfig(source="builtin:shapes", image_size=SIZE, train_size=40, val_size=12, seed=1, max_shapes=2)
     bundle = build_datasets(cfg)
@@ -175,6 +176,7 @@ def test_source_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Ray: folders
+@pytest.mark.ray
 def test_folder_datasets(ray_session, tmp_path):
     paths = make_class_folder(tmp_path / "data")
     bundle = build_datasets(folder_cfg(tmp_path / "data"))
@@ -194,6 +196,7 @@ def test_folder_datasets(ray_session, tmp_path):
     assert got == sorted(expected)
 
 
+@pytest.mark.ray
 def test_bad_files_error_and_skip(ray_session, tmp_path):
     root = tmp_path / "data"
     for i in range(8):
@@ -221,6 +224,7 @@ def test_bad_files_error_and_skip(ray_session, tmp_path):
     assert bundle.train.count() + bundle.val.count() == 8
 
 
+@pytest.mark.ray
 def test_every_file_bad_and_empty_val(ray_session, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -235,6 +239,7 @@ def test_every_file_bad_and_empty_val(ray_session, tmp_path):
 
 
 # ------------------------------------------------------------------------------- Ray: Parquet
+@pytest.mark.ray
 @pytest.mark.parametrize("pack_size", [SIZE, None])
 def test_pack_round_trip(ray_session, tmp_path, pack_size):
     src = tmp_path / "data"

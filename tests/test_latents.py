@@ -10,8 +10,6 @@ from raydae.latents import encode_dataset, encoder_key, read_latents
 from raydae.loop import save_training_state
 from raydae.tasks import AutoencoderTask
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-
 
 def _checkpoint(tmp_path, config):
     torch.manual_seed(0)
@@ -23,6 +21,8 @@ def _checkpoint(tmp_path, config):
     return str(folder), task
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("bottleneck", ["kl", "vq"])
 def test_latents_round_trip_and_are_reused(ray_session, tmp_path, bottleneck):
     config = load_config("tiny", overrides=[f"ae.bottleneck={bottleneck}", "data.train_size=40",
