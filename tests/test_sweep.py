@@ -187,6 +187,7 @@ def test_resume_of_a_sweep_that_never_ran_is_refused(tmp_path):
         run_sweep(_write(tmp_path, _sweep()), resume=True, storage=str(tmp_path / "none"))
 
 
+@pytest.mark.ray
 def test_placement_groups_left_by_a_dead_train_controller_are_reclaimed(ray_session):
     """Ray Train's own cleaner can die (no dashboard, stale address file), leaving a stopped trial's CPUs reserved."""
     import ray
