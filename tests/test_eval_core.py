@@ -51,7 +51,7 @@ def test_kernel_distance_is_near_zero_for_one_distribution_and_large_for_a_shift
     shifted_mean, _ = kernel_distance(real, other + 1.0, subsets=5, subset_size=200)
     assert shifted_mean > 0.1
     assert abs(same_mean) < 0.05 * shifted_mean
-    assert same_std >= 0.0
+    assert 0 < same_std < 0.05 * shifted_mean  # the subsets differ, by far less than a shifted set does
     # Subset size is clipped to the smaller set; the answer depends only on the seed.
     assert kernel_distance(real[:50], other, subset_size=1000, seed=3) == kernel_distance(real[:50], other, seed=3)
 

@@ -86,8 +86,10 @@ def test_ray_job_submit_works_with_the_token_as_the_readme_says(head, tmp_path):
             break
         time.sleep(3)
     if "No available agent" in accepted.stdout + accepted.stderr:
-        # Seen on this 2-core machine when other Ray sessions ran beside the test: the head's job agent
-        # never registered within 2 minutes. The token itself was accepted (a refused token gives 401/403).
-        pytest.skip("the local head's job agent did not register in 120 s (token accepted, job not run)")
+        # Seen on a 2-core machine with other Ray sessions beside the test: the head's job agent never
+        # registered within 2 minutes. The token was accepted (a refused one gives 401/403), but no job ran,
+        # so the job path is reported as not shown to work rather than skipped.
+        pytest.xfail("the local head's job agent did not register in 120 s: token accepted, job not run; "
+                     + (accepted.stdout + accepted.stderr)[-300:])
     assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
     assert "raydae job ran" in accepted.stdout

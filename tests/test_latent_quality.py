@@ -128,8 +128,6 @@ def test_equivariance_is_delegated_to_losses(monkeypatch):
         "equivariance_decoder_error_scale0p5": 0.5}
 
 
-@pytest.mark.xfail(not hasattr(losses, "equivariance_error"), strict=True,
-                   reason="raydae.losses.equivariance_error is being added in another change (issue 13)")
 def test_real_equivariance_errors_vanish_for_an_identity_autoencoder_and_not_for_a_shifting_one():
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     identity = torch.nn.Identity()

@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -134,7 +135,6 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
 
 def _asha_decisions(signal: str, reports: dict[str, list[dict]]) -> dict[str, str]:
     """Feed each trial's generator reports (in turn) to a fresh ASHA with this signal; its last decision per trial."""
-    np = pytest.importorskip("numpy")
     np.random.seed(0)
     asha = make_asha(Scheduler(type="asha", grace_period=2, reduction_factor=2, signal=signal), max_t=8)
     trials = {name: SimpleNamespace(trial_id=name) for name in reports}
@@ -221,8 +221,6 @@ def test_placement_groups_left_by_a_dead_train_controller_are_reclaimed(ray_sess
 
 
 def test_a_diverged_generator_scores_the_worst_probe_value_and_is_stopped():
-    import numpy as np
-
     from raydae.probe import DIVERGED_FD, _frechet_or_diverged
 
     rng = np.random.default_rng(0)

@@ -87,7 +87,9 @@ def test_discriminator_joins_after_its_start_step():
     task.prepare(torch.device("cpu"))
     assert "loss/discriminator" not in task.train_step(_batch(config), 0)
     logs = task.train_step(_batch(config), 2)
-    assert "loss/discriminator" in logs and "gan_weight" in logs and logs["gan_weight"] >= 0
+    assert "loss/discriminator" in logs and "gan_weight" in logs
+    # The adaptive weight balances two nonzero gradients at the decoder's last layer: positive and finite.
+    assert 0 < logs["gan_weight"] <= 1e4 * config.loss.discriminator.weight
 
 
 EQUIVARIANCE_ON = ["loss.equivariance.weight=1.0", "loss.equivariance.probability=1.0"]
@@ -187,10 +189,33 @@ def test_evaluate_reports_mse_psnr_ssim_consistently():
     assert metrics["val/psnr"] == pytest.approx(-10 * torch.log10(torch.tensor(metrics["val/mse"])).item(), rel=1e-4)
 
 
-def test_image_grid_tiles_inputs_over_reconstructions():
-    grid = make_grid(torch.zeros(6, 3, 4, 4), nrow=3, pad=1)
+def test_make_grid_tiles_row_by_row_in_unit_range():
+    shades = torch.linspace(-1, 1, 6)
+    grid = make_grid(shades.view(6, 1, 1, 1).expand(6, 3, 4, 4), nrow=3, pad=1)
     assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
-    assert grid.min() >= 0 and grid.max() <= 1
+    corners = [grid[:, 1 + row * 5, 1 + col * 5] for row in range(2) for col in range(3)]
+    torch.testing.assert_close(torch.stack(corners), ((shades[:, None] + 1) / 2).expand(6, 3))
+    assert (grid[:, 0, :] == 1).all() and (grid[:, :, 5] == 1).all()  # white gaps between tiles
+
+
+def test_image_grid_tiles_inputs_over_reconstructions():
+    config = load_config("tiny")
+    task = AutoencoderTask(config, "joint")
+    task.prepare(torch.device("cpu"))
+    batch, size, pad = _batch(config, n=3), config.data.image_size, 2
+    grid = task.image_grid(batch)
+    assert grid.shape == (3, 2 * (size + pad) + pad, 3 * (size + pad) + pad)
+    with evaluation_mode(*task.models.values()):
+        recon, _ = task.reconstruct_unwrapped(batch["image"])
+
+    def tile(row, col):
+        top, left = pad + row * (size + pad), pad + col * (size + pad)
+        return grid[:, top: top + size, left: left + size]
+
+    for i in range(3):
+        torch.testing.assert_close(tile(0, i), (batch["image"][i] + 1) / 2)  # the inputs on the top row
+        torch.testing.assert_close(tile(1, i), ((recon[i] + 1) / 2).clamp(0, 1))  # their reconstructions below
+        assert not torch.allclose(tile(0, i), tile(1, i))
 
 
 def test_tensorboard_events_are_copied_for_remote_storage(tmp_path):
