@@ -1,11 +1,17 @@
-"""Bad input at the command line: one clear line, exit status 2, no traceback, no run folder."""
+"""Bad input at the command line: one clear line, exit status 2, no traceback, no run folder.
+
+Each entry point runs as a process of its own; the rest of the command line's behaviour is checked by calling
+`main` in the test process (a fresh interpreter costs seconds of imports each).
+"""
 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from raydae.cli import main
 from raydae.config import load_config
 from raydae.errors import UserError
 
@@ -20,6 +26,14 @@ ENTRY_POINTS = {
 def _run(args, tmp_path, entry="raydae run"):
     cmd = ENTRY_POINTS[entry] + list(args) + ["--storage", str(tmp_path / "runs")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def _main(args, capsys):
+    """`raydae ARGS` in this process: its exit status and what it printed."""
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def _assert_one_line_error(proc, *needles):
@@ -47,27 +61,27 @@ def test_run_py_works_as_a_lone_file(tmp_path):
     _assert_one_line_error(proc, "ae.latent_channels")
 
 
-def test_wrong_value_type(tmp_path):
-    proc = _run(["--preset", "tiny", "--set", "train.batch_size=big"], tmp_path)
+def test_wrong_value_type(tmp_path, capsys):
+    proc = _main(["run", "--preset", "tiny", "--set", "train.batch_size=big", "--storage", str(tmp_path / "runs")],
+                 capsys)
     _assert_one_line_error(proc, "train.batch_size", "expected an integer")
 
 
-def test_missing_data_path_fails_before_anything_is_written(tmp_path):
-    proc = _run(["--preset", "tiny", "--set", f"data.source={tmp_path}/nope"], tmp_path)
+def test_missing_data_path_fails_before_anything_is_written(tmp_path, capsys):
+    proc = _main(["run", "--preset", "tiny", "--set", f"data.source={tmp_path}/nope",
+                  "--storage", str(tmp_path / "runs")], capsys)
     _assert_one_line_error(proc, f"{tmp_path}/nope", "no such file or directory")
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args", [["--debug", "run"], ["run", "--debug"]])
-def test_debug_shows_the_traceback(tmp_path, args):
-    cmd = [sys.executable, "-m", "raydae.cli", *args, "--set", "train.lr=x"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
+def test_debug_shows_the_traceback(tmp_path, capsys, args):
+    proc = _main([*args, "--set", "train.lr=x", "--storage", str(tmp_path / "runs")], capsys)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "train.lr" in proc.stderr
 
 
-def test_config_command_prints_the_resolved_config(tmp_path):
-    cmd = [sys.executable, "-m", "raydae.cli", "config", "--preset", "tiny", "--set", "ae.latent_channels=5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def test_config_command_prints_the_resolved_config(capsys):
+    proc = _main(["config", "--preset", "tiny", "--set", "ae.latent_channels=5"], capsys)
     assert proc.returncode == 0
     assert load_config("tiny", overrides=["ae.latent_channels=5"]).to_yaml() == proc.stdout
 
