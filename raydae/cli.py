@@ -7,7 +7,16 @@ import json
 import sys
 import traceback
 
+# First: importing it sets Ray's logging settings, which Ray reads when it is imported (below, through pipeline).
+from raydae import ray_env  # noqa: F401, I001
+from raydae.config import load_config, preset_names
+from raydae.data.pack import pack_folder
 from raydae.errors import UserError
+from raydae.pipeline import RunOptions, evaluate_folder, run_pipeline
+from raydae.report import write_report
+from raydae.sampling import sample_run
+from raydae.sweep import run_sweep
+from raydae.sweep_spec import load_sweep
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +107,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Ray reads its logging settings when it is imported, so they are set here, before any import of it.
-    import os
-
-    from raydae.ray_env import QUIET_RAY_ENV
-
-    for key, value in QUIET_RAY_ENV.items():
-        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -120,18 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from raydae import config as config_module
-
     if args.command == "presets":
-        for name in config_module.preset_names():
+        for name in preset_names():
             print(name)
         return 0
     if args.command == "config":
-        print(config_module.load_config(args.preset, args.config, args.overrides).to_yaml(), end="")
+        print(load_config(args.preset, args.config, args.overrides).to_yaml(), end="")
         return 0
     if args.command == "data":
-        from raydae.data.pack import pack_folder
-
         manifest = pack_folder(args.src, args.dst, image_size=args.size, shard_size=args.shard_size,
                                on_bad_file=args.on_bad_file)
         print(f"packed {manifest['count']} images into {len(manifest['shards'])} shard(s) in {args.dst}"
@@ -141,24 +139,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "sample":
-        from raydae.sampling import sample_run
-
         if args.n <= 0:
             raise UserError(f"--n {args.n}: give a positive number of samples")
         sample_run(args.run_dir, args.n, args.out, args.out_dir, args.seed, args.steps, args.cfg)
         print(f"wrote {args.n} samples to {args.out}" + (f" and {args.out_dir}/" if args.out_dir else ""))
         return 0
     if args.command == "eval":
-        from raydae.evaluate import evaluate_folder
-
         metrics = evaluate_folder(args.run_dir, args.overrides, args.address)
         print(json.dumps(metrics["eval"], indent=2, default=str))
         print(f"\nresults: {args.run_dir.rstrip('/')}/metrics.json (key: eval)")
         return 0
     if args.command in ("sweep", "study"):
-        from raydae.report import write_report
-        from raydae.sweep import load_sweep, run_sweep
-
         if args.command == "study" and not load_sweep(args.file).study:
             raise UserError(f"{args.file} has no `study:` section; run it with `raydae sweep`, or see studies/")
         summary = run_sweep(args.file, resume=args.resume, address=args.address, storage=args.storage)
@@ -179,8 +170,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"results: {summary['experiment']}/results.csv   tensorboard --logdir {summary['experiment']}")
         return 0
     if args.command == "report":
-        from raydae.report import write_report
-
         result = write_report(args.path, metric=args.metric, mode=args.mode)
         print(f"report: {result['report']} ({result['runs']} run(s), metric {result['metric']})")
         for figure in result["figures"].values():
@@ -190,9 +179,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raydae.config import load_config
-    from raydae.pipeline import RunOptions, run_pipeline
-
     config = load_config(args.preset, args.config, args.overrides)
     options = RunOptions(storage=args.storage, name=args.name, resume=args.resume,
                          overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)

@@ -1,4 +1,4 @@
-"""`raydae eval RUN_DIR`: sample quality, reconstruction, complexity and the latent–data distance of a run.
+"""Evaluation's driver side: scores a finished run's samples, reconstructions, complexity and latent–data distance.
 
 The heavy parts run as Ray tasks with the run's per-worker resources (a GPU each when the run trained
 on GPUs), side by side: samples are drawn in `eval.sample_tasks` chunks, the held-out images are
@@ -33,14 +33,26 @@ from raydae.data.images import model_input
 from raydae.errors import UserError
 from raydae.eval import RandomFeatureNet, frechet_distance, kernel_distance, precision_recall
 from raydae.eval.classifier import kl_divergence, load_classifier, save_classifier, train_classifier
+from raydae.eval.complexity import (
+    count_flops,
+    empirical_lipschitz,
+    flops_per_image,
+    lipschitz_blockers,
+    lipschitz_upper_bound,
+    spectral_norm_product,
+)
 from raydae.eval.inception import RESIZE, InceptionFeatures, inception_score, resolve_inception_weights
+from raydae.eval.latent_distance import estimate_latent_distance
 from raydae.eval.selfsup import (
     load_degradation_estimator,
     save_degradation_estimator,
     train_degradation_estimator,
 )
 from raydae.eval.sensitivity import DEGRADATIONS, feature_sensitivity
+from raydae.latents import data_fingerprint
+from raydae.models import build_decoder, count_parameters
 from raydae.storage import RunFolder
+from raydae.tasks import run_bottleneck
 
 RANDFEAT, INCEPTION = "randfeat", "inception"
 SHAPES_CLASSIFIER, DATA_CLASSIFIER, SELFSUP = "shapesclf", "dataclf", "selfsup"
@@ -212,15 +224,6 @@ def reconstruct_and_measure(checkpoints: dict[str, str], image_set, limit: int, 
     `checkpoints` maps a role (aux_decoder, decoder) to the stage checkpoint that trained it. The held-out
     real images' features come back too (`real`), for the real-vs-real floor.
     """
-    from raydae.eval.complexity import (
-        empirical_lipschitz,
-        flops_per_image,
-        lipschitz_blockers,
-        spectral_norm_product,
-    )
-    from raydae.models import count_parameters
-    from raydae.tasks import run_bottleneck
-
     device = _device(use_gpu)
     embed = Embedder(spec, device)
     out: dict = {}
@@ -265,17 +268,12 @@ def reconstruct_and_measure(checkpoints: dict[str, str], image_set, limit: int, 
 
 
 def _lipschitz_bound(decoder, latent_shape) -> float | None:
-    from raydae.eval.complexity import lipschitz_upper_bound
-
     return lipschitz_upper_bound(decoder, tuple(latent_shape))
 
 
 def sample_and_embed(generator_uri: str, start: int, count: int, seed: int, spec: FeatureSpec, batch_size: int,
                      measure_complexity: bool, *, use_gpu: bool) -> dict:
     """Samples `start .. start+count` of the evaluation set; seeds depend only on (seed, index of the chunk)."""
-    from raydae.eval.complexity import count_flops
-    from raydae.models import count_parameters
-
     device = _device(use_gpu)
     task = load_generator(generator_uri, device=str(device))
     embed, bank = Embedder(spec, device), FeatureBank()
@@ -344,10 +342,6 @@ def train_selfsup(train, val, steps: int, seed: int, *, use_gpu: bool,
 def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, critic_steps: int, seed: int, *,
                     use_gpu: bool) -> dict:
     """docs/latent_distance.md: the final decoder's class trained on the frozen latents against a fixed critic."""
-    from raydae.eval.latent_distance import estimate_latent_distance
-    from raydae.models import build_decoder
-    from raydae.tasks import run_bottleneck
-
     device = _device(use_gpu)
     task = load_task(autoencoder_uri, ("stage2", "joint"), device=str(device))
 
@@ -370,8 +364,6 @@ def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, cr
 
 # --------------------------------------------------------------------------------------- driver
 def _data_key(config: Config, *parts) -> str:
-    from raydae.latents import data_fingerprint
-
     text = json.dumps([data_fingerprint(config.data), *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -686,33 +678,3 @@ def _to_tensorboard(run: RunFolder, results: dict) -> None:
     with SummaryWriter(run.child("tensorboard", "eval")) as writer:
         for tag, value in flat({k: v for k, v in results.items() if k != "features"}, "eval/"):
             writer.add_scalar(tag, value, 0)
-
-
-def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> dict:
-    """`raydae eval RUN_DIR`: evaluate a finished run again and update its metrics.json."""
-    import yaml
-
-    from raydae import launch
-    from raydae.config import apply_override, validate
-    from raydae.data import build_datasets, check_source
-
-    storage, _, name = run_dir.rstrip("/").rpartition("/")
-    run = RunFolder(storage or ".", name)
-    if not run.exists("config.yaml"):
-        raise UserError(f"{run_dir}: not a raydae run folder (no config.yaml)")
-    config = Config.from_dict(yaml.safe_load(run.read_text("config.yaml")))
-    for item in overrides:
-        if not item.startswith("eval."):
-            raise UserError(f"--set {item}: `raydae eval` only takes eval.* settings (the run is already trained)")
-        apply_override(config, item)
-    validate(config)
-    missing = [s for s in config.stages() if not run.exists(f"{s}.done.json")]
-    if missing:
-        raise UserError(f"{run_dir}: {', '.join(missing)} not finished; finish the run with `raydae run` first")
-    check_source(config.data)
-    launch.connect(address, config)
-    bundle = build_datasets(config.data)
-    metrics = run.read_json("metrics.json") if run.exists("metrics.json") else {}
-    metrics["eval"] = evaluate_run(run, config, bundle)
-    run.write_json("metrics.json", metrics)
-    return metrics

@@ -1,5 +1,8 @@
 """A run: one folder, an ordered list of steps, each skipped when its done marker exists.
 
+`run_pipeline` (`raydae run`, and each sweep trial) trains and evaluates a run; `evaluate_folder`
+(`raydae eval`) scores a finished run folder again.
+
 Layout of `<storage>/<name>/`:
     config.yaml              the resolved config (what `--config` can rerun)
     stage1/ stage2/ joint/   Ray Train runs: checkpoint_*/ (state.pt, config.yaml, metrics.json)
@@ -12,17 +15,20 @@ Layout of `<storage>/<name>/`:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import yaml
 
+from raydae import launch
 from raydae.checkpoints import load_checkpoint_state, load_generator, read_checkpoint_file
-from raydae.config import Config
+from raydae.config import Config, apply_override, validate
+from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source
 from raydae.errors import UserError
-from raydae.evaluate import collect_images, real_reference
-from raydae.latents import measure_latent_space
+from raydae.evaluate import collect_images, evaluate_run, real_reference
+from raydae.latents import encode_dataset, measure_latent_space, read_latents
 from raydae.probe import reference_from_features
 from raydae.sampling import save_grid
 from raydae.storage import RunFolder
@@ -98,9 +104,6 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def run_pipeline(config: Config, options: RunOptions) -> dict:
     """Train every stage of `config.train.mode`, skipping finished ones; returns the run's metrics."""
-    from raydae import launch
-    from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source
-
     run, finished = prepare_run_folder(config, options)
     if finished:
         print(f"run {run.uri} is already finished; nothing to do (metrics in {run.child('metrics.json')})")
@@ -167,8 +170,6 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
         metrics["latent_quality"] = latent_measures
     metrics["run"] = run.uri
     if config.eval.enabled:
-        from raydae.evaluate import evaluate_run
-
         print("[eval] scoring samples, reconstructions and complexity", flush=True)
         metrics["eval"] = evaluate_run(run, config, bundle)
         print(f"[eval] done in {metrics['eval']['wall_seconds']:.0f}s; {metrics['eval']['headline']}: "
@@ -202,9 +203,6 @@ def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpo
 
 def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str, options: RunOptions) -> dict:
     """Latents (once per encoder and data) -> the generator stage -> a grid of samples in the run folder."""
-    from raydae import launch
-    from raydae.latents import encode_dataset, read_latents
-
     if run.exists("latents.done.json"):
         latents = run.read_json("latents.done.json")
     else:
@@ -261,8 +259,6 @@ def latent_set_gigabytes(manifest: dict) -> float:
 
 
 def _read_checkpoint_metrics(uri: str) -> dict:
-    import json
-
     text = read_checkpoint_file(uri, "metrics.json")
     return json.loads(text) if text else {}
 
@@ -355,3 +351,27 @@ def _check_stage_compatibility(config: Config, stage1_uri: str) -> None:
     if differing:
         raise UserError(f"stage-1 checkpoint {stage1_uri} has another encoder ({', '.join(differing)}); "
                         "use the checkpoint's ae.* encoder settings")
+
+
+def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> dict:
+    """`raydae eval RUN_DIR`: evaluate a finished run again and update its metrics.json."""
+    storage, _, name = run_dir.rstrip("/").rpartition("/")
+    run = RunFolder(storage or ".", name)
+    if not run.exists("config.yaml"):
+        raise UserError(f"{run_dir}: not a raydae run folder (no config.yaml)")
+    config = Config.from_dict(yaml.safe_load(run.read_text("config.yaml")))
+    for item in overrides:
+        if not item.startswith("eval."):
+            raise UserError(f"--set {item}: `raydae eval` only takes eval.* settings (the run is already trained)")
+        apply_override(config, item)
+    validate(config)
+    missing = [s for s in config.stages() if not run.exists(f"{s}.done.json")]
+    if missing:
+        raise UserError(f"{run_dir}: {', '.join(missing)} not finished; finish the run with `raydae run` first")
+    check_source(config.data)
+    launch.connect(address, config)
+    bundle = build_datasets(config.data)
+    metrics = run.read_json("metrics.json") if run.exists("metrics.json") else {}
+    metrics["eval"] = evaluate_run(run, config, bundle)
+    run.write_json("metrics.json", metrics)
+    return metrics

@@ -1,4 +1,10 @@
-"""Environment settings that make Ray's console output readable; they must be set before `import ray`."""
+"""Environment settings that make Ray's console output readable; Ray reads them when it is imported.
+
+Importing this module sets them (where the environment does not already): `cli.py` imports it before
+anything that imports Ray, and `launch.connect` sets them again for library use.
+"""
+
+import os
 
 QUIET_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints appear once, not twice (RAY.md)
@@ -6,3 +12,6 @@ QUIET_RAY_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data's per-dataset "execution plan / progress / finished" lines
 }
+
+for _key, _value in QUIET_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)

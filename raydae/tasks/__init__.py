@@ -17,6 +17,7 @@ from raydae.tasks.autoencoder import (
     run_bottleneck,
 )
 from raydae.tasks.common import make_grid, set_learning_rate, warmup_scale
+from raydae.tasks.generators import make_generator_task
 
 
 def make_task(config: Config, stage: str, options: dict | None = None):
@@ -24,8 +25,6 @@ def make_task(config: Config, stage: str, options: dict | None = None):
     if stage in AUTOENCODER_STAGES:
         return AutoencoderTask(config, stage)
     if stage == "generator":
-        from raydae.tasks.generators import make_generator_task
-
         return make_generator_task(config, options or {})
     raise ValueError(f"unknown stage {stage!r}")
 
