@@ -178,9 +178,11 @@ def read_latents(uri: str, split: str):
     return ray.data.read_parquet(f"{uri.rstrip('/')}/{split}")
 
 
-def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, use_gpu: bool) -> dict[str, float]:
+def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, use_gpu: bool,
+                         probe_steps: int = 0) -> dict[str, float]:
     """Cheap measures of the final latent space (raydae.eval.latent_quality) on held-out images, before any
-    generator trains: spectral high-frequency share, channel scale and tails, encoder/decoder equivariance."""
+    generator trains: spectral high-frequency share, channel scale and tails, encoder/decoder equivariance,
+    and (probe_steps > 0) a small probe generator's held-out loss."""
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     task = load_task(autoencoder_uri, ("stage2", "joint"), device=str(device))
     count = min(limit, len(image_set["image"]))
@@ -191,4 +193,4 @@ def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, u
 
     with torch.no_grad():
         z = torch.cat([encode(chunk) for chunk in images.split(256)])
-    return latent_quality(z, encoder=encode, decoder=task.decoder, images=images)
+    return latent_quality(z, encoder=encode, decoder=task.decoder, images=images, probe_steps=probe_steps)
