@@ -43,6 +43,8 @@ def encoder_key(state: dict, config: Config) -> str:
         for name, tensor in sorted(state["models"][module].items()):
             digest.update(f"{module}.{name}".encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if config.ae.sign_scramble:  # the same weights give other latents; keys of unscrambled runs stay as they were
+        digest.update(b"sign_scramble")
     digest.update(data_fingerprint(config.data).encode())
     return digest.hexdigest()[:16]
 
