@@ -1,4 +1,4 @@
-"""A run: one folder, an ordered list of steps, each skipped when its done marker exists.
+"""Orchestration of a run: one folder, an ordered list of steps, each skipped when its done marker exists.
 
 `run_pipeline` (`raydae run`, and each sweep trial) trains and evaluates a run; `evaluate_folder`
 (`raydae eval`) scores a finished run folder again.

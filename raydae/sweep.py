@@ -1,8 +1,9 @@
-"""`raydae sweep FILE`: Ray Tune over any config fields, each trial a whole raydae run.
+"""The Tune driver of `raydae sweep FILE`: Ray Tune over any config fields, each trial a whole raydae run.
 
 A trial is a function that runs the stage chain (`pipeline.run_pipeline`), each stage a `TorchTrainer`
-whose reports reach Tune through `StageReportCallback`, so ASHA can stop a poor trial while its
-generator trains. The trial's run folder is named after its parameters (`<experiment>/runs/<name>`),
+whose reports reach Tune through `StageReportCallback` (handed over as `RunOptions.stage_callbacks`), so
+ASHA can stop a poor trial while its generator trains. Reading and checking the sweep file is
+`sweep_spec.py`'s. The trial's run folder is named after its parameters (`<experiment>/runs/<name>`),
 so a retried or restored trial continues its own checkpoints and a finished one returns its stored
 metrics instead of training again (Tune may rerun a trial that finished just before the driver died).
 
