@@ -533,9 +533,9 @@ def validate(config: Config) -> None:
         if getattr(ev, name) <= ev.knn_k + 1:
             raise UserError(f"config eval.{name}={getattr(ev, name)}: needs more than eval.knn_k + 1 = "
                             f"{ev.knn_k + 1} images for covariances and k-nearest-neighbour manifolds")
-    if ev.latent_probe_steps < 0 or (ev.latent_probe_steps > 0 and 0 < ev.latent_quality_images < 50):
+    if ev.latent_probe_steps < 0 or (ev.latent_probe_steps > 0 and 0 < ev.latent_quality_images < 10):
         raise UserError(f"config eval.latent_probe_steps={ev.latent_probe_steps} with eval.latent_quality_images="
-                        f"{ev.latent_quality_images}: the probe generator needs steps >= 0 and, when on, at least 50 "
+                        f"{ev.latent_quality_images}: the probe generator needs steps >= 0 and, when on, at least 10 "
                         "images (0 steps turns it off)")
     gen = config.generator_train
     if gen.probe_samples != 0 and (gen.probe_samples < 16 or gen.probe_sample_steps <= 0):

@@ -194,10 +194,11 @@ def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpo
     task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
                       scheduling_strategy="DEFAULT")(measure_latent_space)
     measures = ray.get(task.remote(autoencoder_checkpoint, images, config.eval.latent_quality_images,
-                                   use_gpu=scaling.use_gpu))
+                                   use_gpu=scaling.use_gpu, probe_steps=config.eval.latent_probe_steps))
     run.write_json(LATENT_QUALITY_FILE, measures)
     print(f"[latents] measured in {time.time() - t0:.0f}s: high-frequency share {measures['hf_energy']:.3f}, "
-          f"decoder equivariance error {measures.get('equivariance_decoder_error', float('nan')):.4f}", flush=True)
+          f"decoder equivariance error {measures.get('equivariance_decoder_error', float('nan')):.4f}, probe "
+          f"generator loss {measures.get('probe_generator_loss', float('nan')):.3f}", flush=True)
     return measures
 
 

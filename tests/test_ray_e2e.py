@@ -27,7 +27,7 @@ DAE_DIT = ["scaling.num_workers=2", "generator=dit", "dit.model=DiT-T/2", "train
            "generator_train.steps=4", "generator_train.batch_size=16", "generator_train.log_every=2",
            "generator_train.checkpoint_every=100", "generator_train.image_every=2", "dit.sample_steps=3",
            "eval.enabled=true", "generator_train.probe_samples=16", "generator_train.probe_sample_steps=2",
-           "eval.latent_quality_images=32", "eval.sensitivity_images=32"]
+           "eval.latent_quality_images=32", "eval.latent_probe_steps=3", "eval.sensitivity_images=32"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_dit_chain_evaluates_and_writes_samples(dae_run, tmp_path):
     quality = metrics["latent_quality"]
     assert 0 < quality["hf_energy"] < 1 and quality["channel_std_mean"] > 0
     assert quality["equivariance_decoder_error"] > 0 and quality["equivariance_encoder_error"] > 0
+    assert 0 < quality["probe_generator_loss"] < 10  # a v-loss on unit-std latents after 3 steps
     assert json.loads((run_dir / "latent_quality.json").read_text()) == quality
     sensitivity = metrics["eval"]["feature_sensitivity"]["shapesclf"]
     assert sensitivity["num_images"] == 16 and len(sensitivity["blur"]["fd"]) == 3
