@@ -66,3 +66,37 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(rhos, [tail, 100 - tail])
     return {"rho": rho, "low": float(low), "high": float(high), "n": n}
+
+
+def asha_replay(reports: Sequence[tuple[str, float, float]], grace_period: float, reduction_factor: float,
+                max_t: float, mode: str = "min") -> dict[str, float | None]:
+    """What Ray Tune's ASHA (one bracket) would have stopped, given trials' reports in arrival order.
+
+    reports: (trial, time, value) as they arrived, e.g. from a FIFO sweep where every trial ran to the end.
+    Returns trial -> the time at which ASHA would stop it, or None when it would run to the end. Mirrors
+    AsyncHyperBandScheduler: rungs at grace * rf**k <= max_t; a trial reaching a rung is stopped when its
+    value is worse than the (1 - 1/rf) quantile of the values recorded there before it; a stopped trial's
+    later reports are dropped. (Replayed on FIFO timings, trials arrive as they did there, not as they
+    would have with compute freed by stopping; the decisions are the rule's, the order is FIFO's.)"""
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be min or max, got {mode!r}")
+    sign = -1.0 if mode == "min" else 1.0  # Tune keeps "higher is better" internally
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    rungs = [(grace_period * reduction_factor ** k, {}) for k in reversed(range(count))]
+    stopped: dict[str, float | None] = {}
+    for trial, time, value in reports:
+        stopped.setdefault(trial, None)
+        if stopped[trial] is not None or value is None or not math.isfinite(value):
+            continue
+        reward = sign * value
+        for milestone, recorded in rungs:
+            if time < milestone:
+                continue
+            if trial in recorded:
+                break  # the decision at this rung was made when the trial first reached it
+            if time < max_t and recorded and reward < np.nanpercentile(
+                    list(recorded.values()), (1 - 1 / reduction_factor) * 100):
+                stopped[trial] = time
+            recorded[trial] = reward
+            break
+    return stopped
