@@ -26,9 +26,9 @@ import torch
 
 from raydae.checkpoints import load_checkpoint_state, load_task
 from raydae.config import Config
-from raydae.data.images import model_input
 from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
+from raydae.pixels import model_input
 from raydae.storage import RunFolder
 from raydae.tasks import latent_signature, run_bottleneck
 

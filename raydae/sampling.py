@@ -11,12 +11,12 @@ import io
 import math
 import os
 
-import numpy as np
 import torch
 from PIL import Image
 
 from raydae.checkpoints import load_generator
 from raydae.errors import UserError
+from raydae.pixels import pil_arrays, unit_to_uint8
 from raydae.storage import RunFolder
 from raydae.tasks import make_grid
 
@@ -31,16 +31,10 @@ def generator_checkpoint(run_dir: str) -> str:
     return run.read_json("generator.done.json")["checkpoint"]
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N,3,H,W) in [-1, 1] -> (N,H,W,3) uint8."""
-    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).numpy()
-
-
 def save_grid(images: torch.Tensor, path: str | None, nrow: int | None = None, pad: int = 2) -> bytes:
     """Tile images into one PNG (white gaps); writes it to `path` when given, returns the bytes."""
     grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), pad=pad)  # CHW in [0, 1]
-    canvas = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    canvas = unit_to_uint8(grid).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     if path:
@@ -51,7 +45,7 @@ def save_grid(images: torch.Tensor, path: str | None, nrow: int | None = None, p
 
 def save_individual(images: torch.Tensor, out_dir: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
-    for i, tile in enumerate(to_uint8(images)):
+    for i, tile in enumerate(pil_arrays(images)):
         Image.fromarray(tile).save(os.path.join(out_dir, f"{i:06d}.png"))
     return len(images)
 

@@ -14,6 +14,7 @@ from raydae.config import DataConfig
 from raydae.data import BAD_FILES_NAME, SHAPE_NAMES, build_datasets, pack_folder, render_shapes
 from raydae.data import images as imgs
 from raydae.errors import UserError
+from raydae.pixels import model_input, pil_arrays
 
 SIZE = 16
 
@@ -55,14 +56,14 @@ def collect(ds, batch_size=8):
     images, labels = [], []
     for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}):
         assert set(batch) == {"image", "label"}
-        images.append(imgs.model_input(batch["image"]))
+        images.append(model_input(batch["image"]))
         labels.append(batch["label"])
     return torch.cat(images), torch.cat(labels)
 
 
 def as_sorted_pixels(images, labels):
     """Order-free comparison of two datasets' rows."""
-    rows = [(int(l), imgs.to_uint8(im[None].numpy())[0].tobytes()) for im, l in zip(images, labels)]
+    rows = [(int(l), pil_arrays(im[None])[0].tobytes()) for im, l in zip(images, labels)]
     return sorted(rows)
 
 
@@ -154,11 +155,11 @@ def test_modes_decode_to_rgb(tmp_path):
         assert square.shape == (SIZE, SIZE, 3) and square.dtype == np.uint8
     chw = torch.from_numpy(imgs.to_chw(np.array([[[[0, 255, 128]]]], dtype=np.uint8)))
     assert chw.dtype == torch.uint8 and chw.shape == (1, 3, 1, 1)
-    x = imgs.model_input(chw)  # what the tasks do on the device
+    x = model_input(chw)  # what the tasks do on the device
     assert x.dtype == torch.float32 and x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
-    assert torch.equal(imgs.model_input(x), x)  # float model input passes as it is
+    assert torch.equal(model_input(x), x)  # float model input passes as it is
     with pytest.raises(TypeError, match="uint8"):
-        imgs.model_input(torch.zeros(1, 3, 1, 1, dtype=torch.int64))
+        model_input(torch.zeros(1, 3, 1, 1, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------- errors

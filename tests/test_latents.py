@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from raydae.checkpoints import save_training_state
 from raydae.config import load_config
-from raydae.data import build_datasets, model_input
+from raydae.data import build_datasets
 from raydae.latents import encode_dataset, encoder_key, read_latents
-from raydae.loop import save_training_state
+from raydae.pixels import model_input
 from raydae.tasks import AutoencoderTask
 
 

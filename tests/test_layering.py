@@ -18,9 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["raydae.models", "raydae.losses", "raydae.diffusion", "raydae.ema", "raydae.tasks", "raydae.eval"]
 FORBIDDEN = ["ray", "raydae.data", "pyarrow", "raydae.loop"]
-PIXELS = "issue 15: pixel conversions move to a torch-only module"
-KNOWN = {("raydae.tasks", "raydae.data"), ("raydae.tasks", "pyarrow"),
-         ("raydae.eval", "raydae.data"), ("raydae.eval", "pyarrow")}
 
 # One interpreter loads the heavy shared imports once, then imports each layer in a forked child of its own,
 # so what a layer loads is not hidden by what an earlier layer already loaded.
@@ -78,9 +75,7 @@ def _source_imports(layer: str) -> dict[str, str]:
     return found
 
 
-CASES = [pytest.param(layer, forbidden, id=f"{layer}-{forbidden}",
-                      marks=[pytest.mark.xfail(strict=True, reason=PIXELS)] if (layer, forbidden) in KNOWN else [])
-         for layer in LAYERS for forbidden in FORBIDDEN]
+CASES = [pytest.param(layer, forbidden, id=f"{layer}-{forbidden}") for layer in LAYERS for forbidden in FORBIDDEN]
 
 
 @pytest.mark.parametrize("layer, forbidden", CASES)

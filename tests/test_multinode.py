@@ -20,8 +20,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import ray
 from ray.cluster_utils import Cluster
 
+from raydae.checkpoints import load_state
 from raydae.config import load_config
-from raydae.loop import load_state
 from raydae.pipeline import RunOptions, run_pipeline
 
 storage = Path(sys.argv[1])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from raydae.checkpoints import load_state
 from raydae.config import load_config
 from raydae.errors import UserError
-from raydae.loop import load_state
 from raydae.pipeline import RunOptions, run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

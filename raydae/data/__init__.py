@@ -5,17 +5,16 @@
     # on a worker:
     ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=..., dtypes={"image": torch.uint8, "label": torch.int64})
-    images = model_input(batch["image"])  # float32 in [-1, 1], made on the device
+    images = raydae.pixels.model_input(batch["image"])  # float32 in [-1, 1], made on the device
 
 Rows hold exactly `image` (uint8, 3 x S x S) and `label` (int64).
 """
 
-from raydae.data.images import model_input
 from raydae.data.datasets import BAD_FILES_NAME, DataBundle, bad_files_text, build_datasets, check_source
 from raydae.data.pack import pack_folder
 from raydae.data.shapes import SHAPE_NAMES, render_shapes
 
 __all__ = [
     "BAD_FILES_NAME", "DataBundle", "SHAPE_NAMES", "bad_files_text", "build_datasets", "check_source",
-    "model_input", "pack_folder", "render_shapes",
+    "pack_folder", "render_shapes",
 ]

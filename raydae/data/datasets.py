@@ -6,7 +6,7 @@ Three sources, chosen by data.source:
                    bad file and may not say which), then the good files are read and decoded per epoch;
   a Parquet folder written by `raydae data pack` (recognised by its manifest.json).
 A Train worker reads them with `get_dataset_shard(...).iter_torch_batches(dtypes=...)` and the task turns
-the uint8 images into model input on its device (`images.model_input`).
+the uint8 images into model input on its device (`pixels.model_input`).
 
 `import ray` happens inside the functions so `raydae data pack` does not pay for it.
 """

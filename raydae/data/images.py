@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raydae.errors import UserError
+from raydae.pixels import model_input  # noqa: F401 - evaluate.py still imports it from here (issue 15 moves that)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # matched case-insensitively
 NO_LABEL = "none"  # label_names of a folder whose images are not sorted into sub-folders
@@ -155,26 +156,7 @@ def to_chw(images: np.ndarray) -> np.ndarray:
     """uint8 N x H x W x 3 -> uint8 N x 3 x H x W: what every data set yields as `image`.
 
     Images travel through Ray Data as uint8 (4x fewer bytes than float32 through the object store and to
-    the GPU); the model side turns them into its input with `model_input`, on the device.
+    the GPU); the model side turns them into its input with `pixels.model_input`, on the device.
     """
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
-
-def model_input(images):
-    """uint8 N x 3 x H x W (a torch tensor, any device) -> float32 in [-1, 1]: the models' input.
-
-    Floating-point images are taken to be model input already (evaluation's own batches) and pass as they are.
-    """
-    import torch
-
-    if images.dtype == torch.uint8:
-        return images.float().div_(127.5).sub_(1.0)
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 (as the data sets yield them) or float model input, got {images.dtype}")
-    return images
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Inverse of model_input (for checks and image grids): float N x 3 x H x W in [-1, 1] -> uint8 N x H x W x 3."""
-    pixels = np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return pixels.transpose(0, 2, 3, 1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydae.data.images import model_input
+from raydae.pixels import model_input
 
 FLIPS = ("hv", "h", "")  # train_classifier's random flips: both axes, left-right only, none
 

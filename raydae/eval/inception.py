@@ -18,6 +18,7 @@ import os
 import torch
 
 from raydae.errors import UserError
+from raydae.pixels import uint8_pixels
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"
@@ -80,8 +81,7 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        pool, logits = self.net(as_uint8)
+        pool, logits = self.net(uint8_pixels(images))
         return pool.float(), logits.float()
 
 

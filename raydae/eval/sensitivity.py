@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raydae.data.images import model_input
 from raydae.eval.distances import frechet_distance
+from raydae.pixels import model_input
 
 # Levels in order of increasing damage: Gaussian blur sigma (pixels), additive Gaussian noise sigma (a
 # fraction of the pixel range, so 0.1 is about 25 grey levels), and patch shuffling on a g×g grid of tiles

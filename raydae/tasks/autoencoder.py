@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from raydae.config import Config
-from raydae.data.images import model_input
 from raydae.errors import UserError
 from raydae.losses import (
     adaptive_gan_weight,
@@ -32,6 +31,7 @@ from raydae.models import (
     count_parameters,
     latent_shape,
 )
+from raydae.pixels import model_input, unit_interval
 from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
@@ -264,8 +264,8 @@ class AutoencoderTask:
                 recon, out = self.reconstruct_unwrapped(images)
                 if observe is not None:
                     observe(images, recon, out)
-                real01 = ((images + 1) / 2).clamp(0, 1).float()
-                fake01 = ((recon + 1) / 2).clamp(0, 1).float()
+                real01 = unit_interval(images).float()
+                fake01 = unit_interval(recon).float()
                 if psnr is None:
                     # Rank 0 evaluates alone: torchmetrics must not gather from the other DDP ranks.
                     psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(images.device)

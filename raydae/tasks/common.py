@@ -9,6 +9,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from raydae.pixels import unit_interval
+
 
 def warmup_scale(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
     """Linear learning-rate warm-up, then constant, or (schedule "cosine") a cosine decay to 0 at total_steps."""
@@ -51,7 +53,7 @@ def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
 
 def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
     """Tile (N,3,H,W) images in [-1, 1] into one CHW image in [0, 1] (torchvision-free)."""
-    images = ((images.detach().cpu().float() + 1) / 2).clamp(0, 1)
+    images = unit_interval(images.detach().cpu().float())
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
