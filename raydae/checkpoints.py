@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from raydae.config import Config
+from raydae.devices import pick_device
 from raydae.errors import UserError
 from raydae.tasks import make_task
 
@@ -73,7 +74,7 @@ def load_task(checkpoint_uri: str, stages: tuple[str, ...], device: str | None =
     task = make_task(config, state["stage"], state.get("task_options"))
     for name, module in task.models.items():
         module.load_state_dict(state["models"][name])
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = torch.device(device) if device else pick_device()
     for module in task.models.values():
         module.to(target).eval().requires_grad_(False)
     return task

@@ -26,11 +26,12 @@ import torch
 
 from raydae.checkpoints import load_checkpoint_state, load_task
 from raydae.config import Config
+from raydae.devices import pick_device
 from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
 from raydae.pixels import model_input
 from raydae.storage import RunFolder
-from raydae.tasks import latent_signature, run_bottleneck
+from raydae.tasks import encode_images, latent_signature
 
 MANIFEST = "manifest.json"
 FORMAT = "raydae-latents-v1"
@@ -82,7 +83,7 @@ class EncodeBatch:
         state = load_checkpoint_state(checkpoint_uri)
         config = Config.from_dict(state["config"])
         self.bottleneck_kind = config.ae.bottleneck
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(use_gpu)
         self.encoder = build_encoder(config.ae)
         self.bottleneck = build_bottleneck(config.ae)
         self.encoder.load_state_dict(state["models"]["encoder"])
@@ -93,13 +94,12 @@ class EncodeBatch:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         images = model_input(torch.as_tensor(np.asarray(batch["image"]), device=self.device))
-        h = self.encoder(images)
+        encoded = encode_images(self.encoder, self.bottleneck, images)
         out = {"label": np.asarray(batch["label"], dtype=np.int64)}
         if self.bottleneck_kind == "vq":
-            codes = self.bottleneck.encode_indices(h)
-            out["codes"] = codes.flatten(1).cpu().numpy().astype(np.int64)
+            out["codes"] = encoded.indices.flatten(1).cpu().numpy().astype(np.int64)
         else:
-            mean, logvar = self.bottleneck.encode(h)
+            mean, logvar = encoded.posterior
             out["mean"] = mean.flatten(1).float().cpu().numpy()
             out["logvar"] = logvar.flatten(1).float().cpu().numpy()
         return out
@@ -185,13 +185,13 @@ def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, u
     """Cheap measures of the final latent space (raydae.eval.latent_quality) on held-out images, before any
     generator trains: spectral high-frequency share, channel scale and tails, encoder/decoder equivariance,
     and (probe_steps > 0) a small probe generator's held-out loss."""
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    device = pick_device(use_gpu)
     task = load_task(autoencoder_uri, ("stage2", "joint"), device=str(device))
     count = min(limit, len(image_set["image"]))
     images = model_input(torch.tensor(image_set["image"][:count], device=device))
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return run_bottleneck(task.bottleneck, task.encoder(x), sample=False).z
+        return encode_images(task.encoder, task.bottleneck, x).z
 
     with torch.no_grad():
         z = torch.cat([encode(chunk) for chunk in images.split(256)])

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from raydae.config import EquivarianceConfig, LossConfig
 from raydae.errors import UserError
+from raydae.seeds import derive_seed
 
 
 # ----------------------------------------------------------------------------- reconstruction
@@ -93,7 +94,7 @@ def draw_equivariance_step(cfg: EquivarianceConfig, seed: int, step: int) -> tup
 
     Seeded by (seed, step) alone, so every DDP rank draws the same and a resumed run redraws the same.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(derive_seed(seed, step))
     transforms = equivariance_transforms(cfg.scales, cfg.rotations)
     transform = transforms[int(torch.randint(len(transforms), (1,), generator=generator))]
     trains = bool(torch.rand((), generator=generator) < cfg.probability)

@@ -6,7 +6,7 @@ import torch
 from raydae.config import load_config
 from raydae.losses import equivariance_error
 from raydae.tasks import AutoencoderTask, make_grid
-from raydae.tasks.autoencoder import run_bottleneck
+from raydae.tasks.autoencoder import encode_images
 from raydae.tasks.common import evaluation_mode
 
 
@@ -141,7 +141,7 @@ def _equivariance_after_training(overrides, steps=20):
     logs = [task.train_step(batch, step) for step in range(steps)]
 
     def encode(images):
-        return run_bottleneck(task.bottleneck, task.encoder(images), sample=False).z  # the KL mean
+        return encode_images(task.encoder, task.bottleneck, images).z  # the KL mean
 
     held_out = _smooth_batch(16, seed=1)["image"]
     with evaluation_mode(*task.models.values()):

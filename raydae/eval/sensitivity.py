@@ -21,6 +21,7 @@ from torch import Tensor
 
 from raydae.eval.distances import frechet_distance
 from raydae.pixels import model_input
+from raydae.seeds import derive_seed
 
 # Levels in order of increasing damage: Gaussian blur sigma (pixels), additive Gaussian noise sigma (a
 # fraction of the pixel range, so 0.1 is about 25 grey levels), and patch shuffling on a g×g grid of tiles
@@ -119,7 +120,7 @@ def feature_sensitivity(embed: Callable, images: Tensor, seed: int = 0,
     clean = _embed_all(embed, probe, batch_size)
     reports = {key: {"num_images": half, "floor": frechet_distance(real[key], clean[key])} for key in real}
     for index, (kind, levels) in enumerate(degradations.items()):
-        generator = torch.Generator().manual_seed(seed * 1000 + index)  # one stream per degradation
+        generator = torch.Generator().manual_seed(derive_seed(seed, index, stride=1000))  # one stream per degradation
         distances: dict[str, list[float]] = {key: [] for key in real}
         for level in levels:
             degraded = _embed_all(embed, degrade(probe, kind, level, generator), batch_size)

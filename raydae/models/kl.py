@@ -56,4 +56,4 @@ class DiagonalGaussianBottleneck(nn.Module):
             "latent_std": z.detach().std(),  # LDM rescales latents by 1/std before the prior
             "posterior_std": std.detach().mean(),
         }
-        return BottleneckOutput(z=z, loss=self.kl_weight * kl_mean, stats=stats, indices=None)
+        return BottleneckOutput(z=z, loss=self.kl_weight * kl_mean, stats=stats, indices=None, posterior=(mean, logvar))

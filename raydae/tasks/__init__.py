@@ -1,10 +1,8 @@
 """What each kind of training trains, freezes, optimises and logs. Plain PyTorch: no Ray here.
 
-The training skeleton in `loop.py` is the same for every stage; a task gives it
-- `models`: every module whose state goes into the checkpoint, and `frozen`: those it does not train;
-- `settings`: batch size, warm-up and the cadence of logs, image grids and checkpoints;
-- `batch_dtypes`: the dataset columns it reads; `prepare(device, wrap)`: DDP-wrap what it trains;
-- `train_step`, `evaluate`, `image_grid`, `parameter_counts`.
+The training skeleton in `loop.py` is the same for every stage; what a task gives it is the `Task` protocol
+(protocol.py): its modules and which are frozen, its settings, the dataset columns it reads, `prepare` (DDP-wrap
+what it trains), `train_step`, `evaluate`, `image_grid` and `parameter_counts`.
 """
 
 from raydae.config import Config
@@ -13,14 +11,16 @@ from raydae.tasks.autoencoder import (
     Autoencoder,
     AutoencoderTask,
     describe_signature,
+    encode_images,
     latent_signature,
     run_bottleneck,
 )
 from raydae.tasks.common import make_grid, set_learning_rate, warmup_scale
 from raydae.tasks.generators import make_generator_task
+from raydae.tasks.protocol import Task
 
 
-def make_task(config: Config, stage: str, options: dict | None = None):
+def make_task(config: Config, stage: str, options: dict | None = None) -> Task:
     """The task for `stage`; the loop only ever calls this."""
     if stage in AUTOENCODER_STAGES:
         return AutoencoderTask(config, stage)
@@ -30,6 +30,6 @@ def make_task(config: Config, stage: str, options: dict | None = None):
 
 
 __all__ = [
-    "AUTOENCODER_STAGES", "Autoencoder", "AutoencoderTask", "describe_signature", "latent_signature",
-    "make_grid", "make_task", "run_bottleneck", "set_learning_rate", "warmup_scale",
+    "AUTOENCODER_STAGES", "Autoencoder", "AutoencoderTask", "Task", "describe_signature", "encode_images",
+    "latent_signature", "make_grid", "make_task", "run_bottleneck", "set_learning_rate", "warmup_scale",
 ]

@@ -23,16 +23,23 @@ from raydae.losses import (
     reconstruction_loss,
 )
 from raydae.models import (
+    BottleneckOutput,
     DiagonalGaussianBottleneck,
     build_bottleneck,
     build_decoder,
     build_discriminator,
     build_encoder,
-    count_parameters,
     latent_shape,
 )
 from raydae.pixels import model_input, unit_interval
-from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
+from raydae.tasks.common import (
+    evaluation_mode,
+    make_grid,
+    optimizer_step,
+    parameter_counts,
+    place_modules,
+    set_learning_rate,
+)
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
 
@@ -47,7 +54,7 @@ class Autoencoder(nn.Module):
         self.decoder = decoder
 
     def forward(self, images: torch.Tensor, sample: bool = True):
-        out = run_bottleneck(self.bottleneck, self.encoder(images), sample)
+        out = encode_images(self.encoder, self.bottleneck, images, sample)
         return self.decoder(out.z), out
 
 
@@ -62,7 +69,14 @@ class DecoderOnFrozenLatents(nn.Module):
         return self.decoder(z)
 
 
-def run_bottleneck(bottleneck: nn.Module, h: torch.Tensor, sample: bool):
+def encode_images(encoder: nn.Module, bottleneck: nn.Module, images: torch.Tensor,
+                  sample: bool = False) -> BottleneckOutput:
+    """Images in [-1, 1] -> latents: the bottleneck's output on the encoder's features (`z`, loss, stats and
+    KL's posterior or VQ's code indices)."""
+    return run_bottleneck(bottleneck, encoder(images), sample)
+
+
+def run_bottleneck(bottleneck: nn.Module, h: torch.Tensor, sample: bool) -> BottleneckOutput:
     # The KL bottleneck samples during training and returns its mean for evaluation; VQ is deterministic.
     if isinstance(bottleneck, DiagonalGaussianBottleneck):
         return bottleneck(h, sample=sample)
@@ -168,12 +182,12 @@ class AutoencoderTask:
             )
 
     def parameter_counts(self) -> dict[str, int]:
-        return {name: count_parameters(module) for name, module in self.models.items()}
+        return parameter_counts(self.models)
 
     # ---------------------------------------------------------------------------- training
     def encode_frozen(self, images: torch.Tensor, sample: bool):
         with torch.no_grad():
-            return run_bottleneck(self.bottleneck, self.encoder(images), sample)
+            return encode_images(self.encoder, self.bottleneck, images, sample)
 
     def reconstruct(self, images: torch.Tensor, sample: bool):
         """Training forward, through the (DDP-)wrapped unit: every rank must call it together."""
@@ -185,7 +199,7 @@ class AutoencoderTask:
     def reconstruct_unwrapped(self, images: torch.Tensor):
         """Evaluation forward on the plain modules. Rank 0 evaluates alone, and a DDP forward there
         would wait forever for the other ranks' collectives."""
-        out = run_bottleneck(self.bottleneck, self.encoder(images), sample=False)
+        out = encode_images(self.encoder, self.bottleneck, images)
         return self.decoder(out.z), out
 
     def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
@@ -224,12 +238,7 @@ class AutoencoderTask:
             loss = loss + weight * g_loss
             logs["loss/generator_adv"] = g_loss.detach()
             logs["gan_weight"] = weight.detach()
-        opt = self.optimizers["autoencoder"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trained_unit.parameters(), train.grad_clip)
-        opt.step()
+        optimizer_step(self.optimizers["autoencoder"], loss, self.trained_unit.parameters(), train.grad_clip)
         logs["loss/total"] = loss.detach()
         for key, value in out.stats.items():
             logs[f"bottleneck/{key}"] = value.detach()
@@ -239,10 +248,7 @@ class AutoencoderTask:
             logits = self.disc_unit(torch.cat([images, recon.detach()]))
             real, fake = logits.chunk(2)
             d_loss = hinge_d_loss(real, fake)
-            d_opt = self.optimizers["discriminator"]
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
+            optimizer_step(self.optimizers["discriminator"], d_loss)
             logs["loss/discriminator"] = d_loss.detach()
         return {k: float(v) for k, v in logs.items()}
 

@@ -1,4 +1,4 @@
-"""Small pieces every task uses: learning-rate warm-up and image grids for TensorBoard and PNGs."""
+"""Small pieces every task uses: learning-rate warm-up, the optimiser step, parameter counts and image grids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from raydae.models import count_parameters
 from raydae.pixels import unit_interval
 
 
@@ -27,6 +28,21 @@ def set_learning_rate(optimizers: dict, lr_scale: float) -> None:
         for group in opt.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * lr_scale
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_parameters=None,
+                   grad_clip: float = 0.0) -> None:
+    """Zero the gradients, backpropagate `loss`, clip the norm of `clip_parameters`' gradients (grad_clip > 0), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(clip_parameters, grad_clip)
+    optimizer.step()
+
+
+def parameter_counts(models: dict[str, nn.Module]) -> dict[str, int]:
+    """Parameters of every module, by name (trained and frozen alike)."""
+    return {name: count_parameters(module) for name, module in models.items()}
 
 
 def place_modules(models: dict[str, nn.Module], frozen: set[str], device: torch.device) -> None:

@@ -21,10 +21,17 @@ from raydae.config import Config
 from raydae.diffusion import GaussianDiffusion
 from raydae.ema import ema_copy, ema_update, warmed_up_decay
 from raydae.errors import UserError
-from raydae.models import build_bottleneck, build_decoder, count_parameters
+from raydae.models import build_bottleneck, build_decoder
 from raydae.models.dit import build_dit
 from raydae.models.prior import build_prior
-from raydae.tasks.common import evaluation_mode, make_grid, place_modules, set_learning_rate
+from raydae.tasks.common import (
+    evaluation_mode,
+    make_grid,
+    optimizer_step,
+    parameter_counts,
+    place_modules,
+    set_learning_rate,
+)
 
 
 class GeneratorTask:
@@ -68,16 +75,11 @@ class GeneratorTask:
         }
 
     def parameter_counts(self) -> dict[str, int]:
-        return {name: count_parameters(module) for name, module in self.models.items()}
+        return parameter_counts(self.models)
 
     def optimise(self, loss: torch.Tensor, lr_scale: float) -> None:
         set_learning_rate(self.optimizers, lr_scale)
-        opt = self.optimizers["generator"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trained_unit.parameters(), self.settings.grad_clip)
-        opt.step()
+        optimizer_step(self.optimizers["generator"], loss, self.trained_unit.parameters(), self.settings.grad_clip)
 
     def class_labels(self, n: int, device) -> torch.Tensor | None:
         if not self.conditional:
