@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from raydae.errors import UserError  # noqa: E402
+from raydae.metrics_json import dotted_get, flatten_numbers, is_metric_value, metric_value  # noqa: E402
 from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, spearman_bootstrap  # noqa: E402
 
 # Folders a run writes inside itself; none holds another run, and checkpoint_* ones look like runs
@@ -41,27 +42,16 @@ ANNOTATE_UP_TO = 10  # name the points of a scatter only while the names do not 
 DEFAULT_METRICS = ("fid", "fd_shapesclf", "fd_randfeat")
 HIGHER_IS_BETTER_PREFIXES = ("precision", "recall")  # and `is`; distances and KLs are lower-is-better
 LATENT_QUALITY = "latent_quality"  # metrics.json section of cheap latent measures (eval/latent_quality.py)
-# The latent-data distance (evaluate.py, docs/latent_distance.md): the held-out value and the paired L2.
+# The latent-data distance (docs/latent_distance.md): the held-out value and the paired L2.
 LATENT_DISTANCE_MEASURES = ("eval.latent_distance.value", "eval.latent_distance.paired_l2_val")
 
 
-def _get(tree, dotted: str, default=None):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return default
-        tree = tree[key]
-    return tree
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _decoder_label(decoder: dict | None) -> str:
+def decoder_label(decoder: dict | None) -> str:
+    """`w0.5 b1 d0`: a decoder config's width multiplier, residual blocks per level and dropout."""
     if not isinstance(decoder, dict):
         return "?"
-    return (f"w{float(decoder.get('width', 1.0))} b{int(decoder.get('num_res_blocks', 2))} "
-            f"d{float(decoder.get('dropout', 0.0))}")
+    return (f"w{float(decoder.get('width', 1.0)):g} b{int(decoder.get('num_res_blocks', 2))} "
+            f"d{float(decoder.get('dropout', 0.0)):g}")
 
 
 @dataclass
@@ -73,22 +63,22 @@ class Run:
 
     @property
     def mode(self) -> str:
-        mode = _get(self.metrics, "mode") or _get(self.config, "train.mode", "dae")
+        mode = dotted_get(self.metrics, "mode") or dotted_get(self.config, "train.mode", "dae")
         return "joint" if mode == "joint" else "DAE"
 
     @property
     def latent_shape(self) -> list[int] | None:
         # metrics.json spells it latent.latent_shape (the stage signature); `shape` is accepted too.
-        shape = _get(self.metrics, "latent.latent_shape") or _get(self.metrics, "latent.shape")
+        shape = dotted_get(self.metrics, "latent.latent_shape") or dotted_get(self.metrics, "latent.shape")
         if shape:
             return [int(n) for n in shape]
-        channels = _get(self.config, "ae.latent_channels")
+        channels = dotted_get(self.config, "ae.latent_channels")
         return [int(channels)] if channels else None
 
     @property
     def latent_label(self) -> str:
-        bottleneck = _get(self.metrics, "latent.bottleneck") or _get(self.config, "ae.bottleneck", "?")
-        shape, codes = self.latent_shape, _get(self.metrics, "latent.codebook_size")
+        bottleneck = dotted_get(self.metrics, "latent.bottleneck") or dotted_get(self.config, "ae.bottleneck", "?")
+        shape, codes = self.latent_shape, dotted_get(self.metrics, "latent.codebook_size")
         return (f"{bottleneck} {'x'.join(map(str, shape))}" if shape else str(bottleneck)) + (
             f" ({codes} codes)" if codes else "")
 
@@ -99,38 +89,36 @@ class Run:
     @property
     def aux_label(self) -> str:
         # A joint run trains no auxiliary decoder, whatever its config still says about one.
-        return "—" if self.mode == "joint" else _decoder_label(_get(self.config, "ae.aux_decoder"))
+        return "—" if self.mode == "joint" else decoder_label(dotted_get(self.config, "ae.aux_decoder"))
 
     def sample_metrics(self) -> dict[str, float]:
-        samples = _get(self.metrics, "eval.samples", {}) or {}
-        return {key: value for key, value in samples.items() if _is_number(value)}
+        samples = dotted_get(self.metrics, "eval.samples", {}) or {}
+        return {key: value for key, value in samples.items() if is_metric_value(value)}
 
     def value(self, metric: str) -> float | None:
         """A key of eval.samples (`fd_shapesclf`), or a dotted path in metrics.json (`eval.samples.fid`)."""
-        if "." in metric:
-            found = _get(self.metrics, metric)
-            return found if _is_number(found) else None
-        return self.sample_metrics().get(metric)
+        return metric_value(self.metrics, metric)
 
     def final_reconstruction(self) -> tuple[float | None, float | None]:
         """MSE and PSNR of the decoder the generator's samples go through: eval's, else the last stage's."""
-        recon = _get(self.metrics, "eval.reconstruction.decoder")
+        recon = dotted_get(self.metrics, "eval.reconstruction.decoder")
         if isinstance(recon, dict):
             return recon.get("mse"), recon.get("psnr")
         for stage in ("joint", "stage2"):
-            if _get(self.metrics, f"stages.{stage}"):
-                return (_get(self.metrics, f"stages.{stage}.val_mse"),
-                        _get(self.metrics, f"stages.{stage}.val_psnr"))
+            if dotted_get(self.metrics, f"stages.{stage}"):
+                return (dotted_get(self.metrics, f"stages.{stage}.val_mse"),
+                        dotted_get(self.metrics, f"stages.{stage}.val_psnr"))
         return None, None
 
     def parameters(self, part: str) -> int | None:
-        return _get(self.metrics, f"eval.complexity.{part}.parameters") or _get(self.metrics, f"parameters.{part}")
+        return (dotted_get(self.metrics, f"eval.complexity.{part}.parameters")
+                or dotted_get(self.metrics, f"parameters.{part}"))
 
     def decoder_flops(self) -> float | None:
-        return _get(self.metrics, "eval.complexity.decoder.flops_per_image")
+        return dotted_get(self.metrics, "eval.complexity.decoder.flops_per_image")
 
     def samples_png(self) -> Path | None:
-        png = self.folder / (_get(self.metrics, "generator.samples") or "samples.png")
+        png = self.folder / (dotted_get(self.metrics, "generator.samples") or "samples.png")
         return png if png.is_file() else None
 
 
@@ -177,7 +165,8 @@ def choose_metric(runs: list[Run], metric: str | None, mode: str | None) -> tupl
         raise UserError(f"mode must be 'min' or 'max', got {mode!r}")
     available = sorted({key for run in runs for key in run.sample_metrics()})
     if metric is None:
-        headlines = Counter(_get(run.metrics, "eval.headline") for run in runs if _get(run.metrics, "eval.headline"))
+        headlines = Counter(dotted_get(run.metrics, "eval.headline") for run in runs
+                            if dotted_get(run.metrics, "eval.headline"))
         candidates = [name for name, _ in headlines.most_common()] + list(DEFAULT_METRICS)
         metric = next((name for name in candidates if name in available), None)
         if metric is None:
@@ -201,7 +190,7 @@ def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
     """One sentence on what the metric measures and in which feature space, so no one mistakes it for FID."""
     features: dict = {}
     for run in runs:
-        features.update(_get(run.metrics, "eval.features", {}) or {})
+        features.update(dotted_get(run.metrics, "eval.features", {}) or {})
     tokens = metric.split("_")
     kinds = {"fd": "Fréchet distance", "kd": "kernel distance (MMD²)", "precision": "precision",
              "recall": "recall", "fid": "FID (Fréchet Inception distance)", "kid": "KID (kernel Inception distance)",
@@ -220,8 +209,8 @@ def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
                  "compare it only with runs evaluated by the same feature network.")
     else:
         text += "."
-    floors = [_get(run.metrics, f"eval.real_vs_real.{metric}") for run in runs]
-    floors = [value for value in floors if _is_number(value)]
+    floors = [dotted_get(run.metrics, f"eval.real_vs_real.{metric}") for run in runs]
+    floors = [value for value in floors if is_metric_value(value)]
     if floors:  # the distance between two real halves: how low this metric can sensibly go
         text += f" Real-vs-real floor: {min(floors):.4g}."
     return text
@@ -299,11 +288,11 @@ def loss_curves(runs: list[Run]) -> tuple[plt.Figure, list[str]] | None:
 def quality_vs_complexity(runs: list[Run], metric: str, mode: str) -> tuple[plt.Figure, list[str]] | None:
     runs = [run for run in runs if run.value(metric) is not None]
     # x: decoder GFLOPs/image when every run has them; else parameters, so all points share one axis.
-    if all(_is_number(run.decoder_flops()) for run in runs):
+    if all(is_metric_value(run.decoder_flops()) for run in runs):
         label, x = "final decoder GFLOPs per image", {run.name: run.decoder_flops() / 1e9 for run in runs}
     else:
         label = "final decoder parameters (FLOPs missing)"
-        x = {run.name: run.parameters("decoder") for run in runs if _is_number(run.parameters("decoder"))}
+        x = {run.name: run.parameters("decoder") for run in runs if is_metric_value(run.parameters("decoder"))}
     runs = [run for run in runs if run.name in x]
     if not runs:
         return None
@@ -430,7 +419,7 @@ def samples_side_by_side(runs: list[Run], metric: str | None) -> tuple[plt.Figur
 # ---------------------------------------------------------------- report.md
 
 def _fmt(value) -> str:
-    if not _is_number(value):
+    if not is_metric_value(value):
         return "—"
     if isinstance(value, int) or (abs(value) >= 1000 and float(value).is_integer()):
         for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -453,26 +442,17 @@ def runs_table(runs: list[Run], metric: str | None) -> list[str]:
         mse, psnr = run.final_reconstruction()
         flops = run.decoder_flops()
         rows.append([run.name, run.mode, run.latent_label, run.aux_label,
-                     _decoder_label(_get(run.config, "ae.decoder")), str(_get(run.config, "train.seed", "—"))]
+                     decoder_label(dotted_get(run.config, "ae.decoder")),
+                     str(dotted_get(run.config, "train.seed", "—"))]
                     + ([_fmt(run.value(metric))] if metric else [])
                     + [_fmt(mse), _fmt(psnr), _fmt(run.parameters("decoder")),
-                       _fmt(flops / 1e9) if _is_number(flops) else "—", _fmt(run.parameters("generator"))])
+                       _fmt(flops / 1e9) if is_metric_value(flops) else "—", _fmt(run.parameters("generator"))])
     return _table(header, rows)
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for key, value in (tree or {}).items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        elif _is_number(value):
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def latent_measures(runs: list[Run]) -> list[str]:
     """Dotted paths of the latent measures some run has: every number under latent_quality, then the distance."""
-    keys = sorted({key for run in runs for key in _flatten(_get(run.metrics, LATENT_QUALITY))})
+    keys = sorted({key for run in runs for key in flatten_numbers(dotted_get(run.metrics, LATENT_QUALITY))})
     return [f"{LATENT_QUALITY}.{key}" for key in keys] + [
         path for path in LATENT_DISTANCE_MEASURES if any(run.value(path) is not None for run in runs)]
 
@@ -525,14 +505,14 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
         config = run.config
         lines += ["## Config", "", *_table(["field", "value"], [
             ["mode", run.mode], ["latent", run.latent_label], ["aux decoder", run.aux_label],
-            ["final decoder", _decoder_label(_get(config, "ae.decoder"))],
-            ["generator", str(_get(config, "generator", _get(run.metrics, "generator.kind", "—")))],
-            ["image size", str(_get(config, "data.image_size", "—"))],
-            ["seed", str(_get(config, "train.seed", "—"))]])]
+            ["final decoder", decoder_label(dotted_get(config, "ae.decoder"))],
+            ["generator", str(dotted_get(config, "generator", dotted_get(run.metrics, "generator.kind", "—")))],
+            ["image size", str(dotted_get(config, "data.image_size", "—"))],
+            ["seed", str(dotted_get(config, "train.seed", "—"))]])]
     if finished:
         lines += ["## Runs" + (f" (best `{metric}` first)" if metric else ""), "", *runs_table(finished, metric)]
     if len(finished) == 1:
-        metrics = _flatten(finished[0].metrics)
+        metrics = flatten_numbers(finished[0].metrics)
         lines += ["## All metrics", "", *_table(["metric", "value"], [[k, _fmt(v)] for k, v in metrics.items()])]
     elif metric:
         others = sorted({key for run in finished for key in run.sample_metrics()} - {metric})

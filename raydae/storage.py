@@ -25,18 +25,25 @@ class RunFolder:
     def child(self, *parts: str) -> str:
         return "/".join([self.uri, *parts])
 
-    def _p(self, rel: str) -> str:
+    @classmethod
+    def from_path(cls, run_dir: str) -> RunFolder:
+        """The run folder a user names on the command line (`runs/dae-kl4-s0`, `s3://bucket/runs/x`)."""
+        storage, _, name = run_dir.rstrip("/").rpartition("/")
+        return cls(storage or ".", name)
+
+    def _inside(self, rel: str) -> str:
+        """The filesystem path of `rel` inside this folder (the folder itself for "")."""
         return f"{self.path}/{rel}" if rel else self.path
 
     def exists(self, rel: str = "") -> bool:
-        return self.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(self._inside(rel)).type != pafs.FileType.NotFound
 
     def read_text(self, rel: str) -> str:
-        with self.fs.open_input_stream(self._p(rel)) as f:
+        with self.fs.open_input_stream(self._inside(rel)) as f:
             return f.read().decode()
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self._p(rel)) as f:
+        with self.fs.open_input_stream(self._inside(rel)) as f:
             return f.read()
 
     def write_text(self, rel: str, text: str) -> None:
@@ -44,7 +51,7 @@ class RunFolder:
         self.write_bytes(rel, text.encode())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self._p(rel)
+        target = self._inside(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.is_local:
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
@@ -61,11 +68,11 @@ class RunFolder:
         self.write_text(rel, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
     def delete(self, rel: str) -> None:
-        info = self.fs.get_file_info(self._p(rel))
+        info = self.fs.get_file_info(self._inside(rel))
         if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self._p(rel))
+            self.fs.delete_dir(self._inside(rel))
         elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self._p(rel))
+            self.fs.delete_file(self._inside(rel))
 
     def make(self) -> None:
         self.fs.create_dir(self.path, recursive=True)

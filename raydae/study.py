@@ -2,8 +2,8 @@
 
 A study is a sweep file with a `study:` section (see studies/). Its trials are arms x seeds (x any other
 grid); `train.seed` is the pairing: arm A and arm B with seed s share data order, initialisation and
-sampling noise, so the comparison is on per-seed differences (STUDY.md, "How to make the comparison
-honest"). This module only does arithmetic on finished runs' metrics; it imports neither Ray nor torch.
+sampling noise, so the comparison is on per-seed differences (docs/architecture.md, "A study compares
+arms honestly"). This module only does arithmetic on finished runs' metrics; it imports neither Ray nor torch.
 
 For each metric and arm: mean, sample standard deviation over seeds (the seed spread) and n. Against the
 baseline, on the seeds both arms finished: the mean paired difference (arm - baseline), its standard
@@ -17,9 +17,9 @@ A stage-1 run whose final reconstruction error is far above its seed-mates' is f
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from raydae.errors import UserError
+from raydae.metrics_json import metric_value
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables); 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -38,16 +38,6 @@ STAGE1_OUTLIER_RATIO = 1.5  # flagged when above this multiple of the median of 
 
 def t_quantile_975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
-
-
-def lookup(metrics: dict, path: str) -> float | None:
-    """A dotted path in a run's metrics.json; e.g. `eval.reconstruction.decoder.mse`."""
-    node: Any = metrics
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
 def spread(values: list[float]) -> dict:
@@ -106,14 +96,14 @@ def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str]
         for arm in arms:
             mine = [r for r in members if r["arm"] == arm]
             entry = {"seeds": sorted(r["seed"] for r in mine), "metrics": {}, "differences": {}}
-            health = {r["seed"]: lookup(r["metrics"], STAGE1_HEALTH) for r in mine}
+            health = {r["seed"]: metric_value(r["metrics"], STAGE1_HEALTH) for r in mine}
             entry["stage1_outliers"] = stage1_outliers({s: v for s, v in health.items() if v is not None})
             for metric in metrics:
-                values = {r["seed"]: lookup(r["metrics"], metric) for r in mine}
+                values = {r["seed"]: metric_value(r["metrics"], metric) for r in mine}
                 values = {s: v for s, v in values.items() if v is not None}
                 entry["metrics"][metric] = {**spread(list(values.values())), "values": values}
                 if arm != baseline:
-                    base = {r["seed"]: lookup(r["metrics"], metric) for r in members if r["arm"] == baseline}
+                    base = {r["seed"]: metric_value(r["metrics"], metric) for r in members if r["arm"] == baseline}
                     entry["differences"][metric] = paired_difference(values, {s: v for s, v in base.items()
                                                                               if v is not None})
             block["arms"][arm] = entry

@@ -20,6 +20,7 @@ Layout of `<storage>/<sweep name>/`:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -33,8 +34,9 @@ from ray.tune.schedulers import ASHAScheduler
 from raydae import launch
 from raydae.config import Config
 from raydae.errors import UserError
+from raydae.metrics_json import metric_value
 from raydae.pipeline import DONE_MARKER, RunOptions, run_pipeline
-from raydae.report import study_figure
+from raydae.report import decoder_label, study_figure
 from raydae.storage import RunFolder
 from raydae.study import compare, markdown
 from raydae.sweep_spec import (
@@ -49,7 +51,6 @@ from raydae.sweep_spec import (
     base_config,
     check_inception_metric,
     load_sweep,
-    metric_value,
     parse_sweep,
     trial_config,
     trial_name,
@@ -202,17 +203,15 @@ def summarise_sweep(spec: SweepSpec, root, grid) -> dict:
 
 def arm_schedule(config: Config) -> dict:
     """What a study's table says about an arm's autoencoder: its step budget and its decoders."""
-    def decoder(d) -> str:
-        return f"w{d.width:g} b{d.num_res_blocks} d{d.dropout:g}"
-
     train = config.train
+    decoder = decoder_label(dataclasses.asdict(config.ae.decoder))
     if train.mode == "dae":
         return {"mode": "dae", "total_ae_steps": train.stage1_steps + train.stage2_steps,
-                "final_decoder_steps": train.stage2_steps, "final_decoder": decoder(config.ae.decoder),
-                "aux_decoder": decoder(config.ae.aux_decoder)}
+                "final_decoder_steps": train.stage2_steps, "final_decoder": decoder,
+                "aux_decoder": decoder_label(dataclasses.asdict(config.ae.aux_decoder))}
     steps = config.stage_steps("joint")
     return {"mode": "joint", "total_ae_steps": steps, "final_decoder_steps": steps,
-            "final_decoder": decoder(config.ae.decoder), "aux_decoder": "-"}
+            "final_decoder": decoder, "aux_decoder": "-"}
 
 
 def _write_study_figure(root, blocks: list[dict], metrics: list[str]) -> bool:

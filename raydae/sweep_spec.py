@@ -1,4 +1,4 @@
-"""The sweep file: its spec, parsing and checks, trial names and configs, metric lookup, ASHA's signals.
+"""The sweep file: its spec, parsing and checks, trial names and configs, ASHA's signals.
 
 Everything about a sweep that needs no Ray: `sweep.py` (the Tune driver), `tune_callback.py` (inside a
 trial) and the tests read sweep files through this module, so a bad file fails before Ray starts. A study
@@ -15,7 +15,6 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
 
@@ -27,9 +26,8 @@ from raydae.study import DEFAULT_METRICS
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("fifo", "asha")
 RUNS_FOLDER = "runs"
-# ASHA compares trials at equal generator steps (docs/architecture.md, "Sweeps prune on samples"). The
-# signal is the sample probe's Fréchet distance; the generator's training loss is kept only under a name
-# that says it does not compare latents of different shapes.
+# ASHA compares trials at equal generator steps on the sample probe; why: docs/architecture.md,
+# "Sweeps prune on samples".
 ASHA_TIME = "generator_step"
 SIGNALS = {"sample_fd": "probe_fd", "train_loss_not_comparable": "generator_loss"}
 
@@ -146,7 +144,7 @@ def _parse_study(data, where: str) -> dict:
     seeds = data.get("seeds")
     if not isinstance(seeds, list) or len(seeds) < 2 or not all(isinstance(x, int) for x in seeds) \
             or len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds: give a list of at least two distinct integers (STUDY.md asks for >= 4)")
+        raise UserError(f"{where}: seeds: give a list of at least two distinct integers; use 4 or more")
     baseline = str(data.get("baseline", ""))
     if baseline not in clean:
         raise UserError(f"{where}: baseline: {baseline!r} is not one of the arms ({', '.join(clean)})")
@@ -278,18 +276,6 @@ def trial_name(params: dict) -> str:
     readable = re.sub(r"[^A-Za-z0-9_.=,-]+", "", ",".join(parts))[:80]
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{readable}-{digest}" if readable else digest
-
-
-def metric_value(metrics: dict, metric: str):
-    """`fd_shapesclf` looks in eval.samples; a dotted path (`generator.diffusion_loss`) anywhere."""
-    if "." not in metric:
-        return metrics.get("eval", {}).get("samples", {}).get(metric)
-    node: Any = metrics
-    for part in metric.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node if isinstance(node, (int, float)) else None
 
 
 def scheduler_metrics(stage: str, report: dict) -> dict:

@@ -86,7 +86,7 @@ def test_sweep_report(sweep):
     text = (sweep / "report.md").read_text()
     rows = table_rows(text, "| run | mode |")
     assert [row[0] for row in rows] == ["trials/dae_small", "joint", "trials/dae_big"]  # best (lowest) first
-    assert rows[0][1:5] == ["DAE", "kl 4x8x8", "w0.5 b1 d0.0", "w1.0 b2 d0.0"]
+    assert rows[0][1:5] == ["DAE", "kl 4x8x8", "w0.5 b1 d0", "w1 b2 d0"]
     assert rows[1][3] == "—"  # a joint run has no auxiliary decoder
     assert "shapes classifier" in text and "FID" not in text  # names the feature net, never calls it FID
     assert "`running`" in text  # the unfinished run is listed, not ranked
@@ -100,7 +100,7 @@ def test_sweep_report(sweep):
     assert figures["loss_curves"]["panels"] == ["stage1", "stage2", "joint", "generator"]
     titles = figures["samples_side_by_side"]["panels"]
     assert titles[:2] == ["DAE: trials/dae_small", "joint: joint"] and len(titles) == 3
-    assert figures["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0.0", "aux w1.0 b1 d0.0", "joint"]
+    assert figures["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0", "aux w1 b1 d0", "joint"]
     assert list((sweep / "tensorboard" / "report").glob("events.out.tfevents.*"))
 
 
@@ -116,7 +116,7 @@ def test_seeds_share_a_point(tmp_path):
     make_run(tmp_path / "s0", seed=0, fd=10.0)
     make_run(tmp_path / "s1", seed=1, fd=14.0)
     result = write_report(str(tmp_path), tensorboard=False)
-    assert result["figures"]["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0.0"]
+    assert result["figures"]["metric_vs_latent_size"]["lines"] == ["aux w0.5 b1 d0"]
 
 
 def test_single_run(tmp_path):

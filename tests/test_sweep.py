@@ -15,8 +15,9 @@ import yaml
 
 from raydae.config import load_config
 from raydae.errors import UserError
+from raydae.metrics_json import metric_value
 from raydae.sweep import make_asha
-from raydae.sweep_spec import (SIGNALS, Scheduler, metric_value, parse_sweep, scheduler_metrics, trial_config,
+from raydae.sweep_spec import (SIGNALS, Scheduler, parse_sweep, scheduler_metrics, trial_config,
                                trial_name)
 
 # Seconds-long trials: one tiny autoencoder stage and an 8-step DiT that reports every 2 steps (ASHA's rungs).
