@@ -27,10 +27,10 @@ from raydae.checkpoints import load_checkpoint_state, load_generator, read_check
 from raydae.config import Config, apply_override, validate
 from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source
 from raydae.errors import UserError
-from raydae.evaluate import collect_images, evaluate_run, real_reference
 from raydae.latents import encode_dataset, measure_latent_space, read_latents
 from raydae.probe import reference_from_features
 from raydae.sampling import save_grid
+from raydae.scoring import collect_images, evaluate_run, real_reference
 from raydae.storage import RunFolder
 from raydae.tasks import describe_signature, latent_signature
 
@@ -356,8 +356,7 @@ def _check_stage_compatibility(config: Config, stage1_uri: str) -> None:
 
 def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> dict:
     """`raydae eval RUN_DIR`: evaluate a finished run again and update its metrics.json."""
-    storage, _, name = run_dir.rstrip("/").rpartition("/")
-    run = RunFolder(storage or ".", name)
+    run = RunFolder.from_path(run_dir)
     if not run.exists("config.yaml"):
         raise UserError(f"{run_dir}: not a raydae run folder (no config.yaml)")
     config = Config.from_dict(yaml.safe_load(run.read_text("config.yaml")))

@@ -1,14 +1,13 @@
 """The sample probe: a small, fixed-noise sample of a training generator, scored against real images.
 
-A generator's training loss is no measure of its latent: a diffusion loss on 2-channel and on 8-channel
-latents are different quantities, and a simpler (or collapsed) latent scores a lower loss while its samples
-get worse. The probe measures what a sweep wants to compare, in image space: at every checkpoint, rank 0
-draws `generator_train.probe_samples` samples from the EMA weights with fixed noise and few DDIM steps,
-decodes them with the run's final decoder and reports their Fréchet distance (`probe/fd`) to the real
-images' statistics in the evaluation's headline feature space. The same noise, count and reference for
-every trial make the number comparable across latent shapes; its cost is reported as `probe/seconds`.
+At every checkpoint rank 0 draws `generator_train.probe_samples` samples from the EMA weights with fixed
+noise and few DDIM steps, decodes them with the run's final decoder and reports their Fréchet distance
+(`probe/fd`) to the real images' statistics in the evaluation's headline feature space; its cost is
+`probe/seconds`. The same noise, count and reference for every trial make the number comparable across
+latent shapes, which a generator's loss is not (docs/architecture.md, "Sweeps prune on samples").
 
-`probe_reference` (driver side, needs Ray for the cached feature networks) builds what `SampleProbe` needs.
+`reference_from_features` builds what `SampleProbe` needs from the real features that `scoring.real_reference`
+prepares on the driver. Only the feature spaces (`eval/spaces.py`) are imported here: this runs on a worker.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from raydae.eval.distances import feature_statistics, frechet_from_statistics
-from raydae.evaluate import HEADLINE_ORDER, Embedder, FeatureSpec
+from raydae.eval.spaces import Embedder, FeatureSpec, headline_space
 
 PROBE_SEED = 424242  # fixed noise: every checkpoint of every trial draws the same starting latents
 # A diverged generator's samples are not finite and have no Fréchet distance. ASHA needs an ordering (an
@@ -70,12 +69,8 @@ def _frechet_or_diverged(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray
     return fd if np.isfinite(fd) else DIVERGED_FD
 
 
-def headline_space(spec: FeatureSpec) -> str:
-    return next(space for space, _ in HEADLINE_ORDER if space in spec.spaces)
-
-
 def reference_from_features(spec: FeatureSpec, real: dict[str, np.ndarray]) -> dict:
     """What `SampleProbe` needs, from the real images' features in every space of `spec`."""
-    space = headline_space(spec)
+    space = headline_space(spec.spaces)
     mu, sigma = feature_statistics(real[space])
     return {"spec": spec, "space": space, "mu": mu, "sigma": sigma}

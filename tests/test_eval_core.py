@@ -187,7 +187,7 @@ def test_inception_score_is_one_for_identical_predictions_and_k_for_k_confident_
 
 
 def test_metric_names_say_which_features_made_them():
-    from raydae.evaluate import metric_name
+    from raydae.eval.spaces import metric_name
 
     assert metric_name("fd", "inception") == "fid" and metric_name("kd", "inception") == "kid"
     assert metric_name("fd", "randfeat") == "fd_randfeat" and metric_name("fd", "shapesclf") == "fd_shapesclf"

@@ -28,15 +28,9 @@ from raydae.eval.selfsup import (
     train_degradation_estimator,
 )
 from raydae.eval.sensitivity import DEGRADATIONS, degrade, feature_sensitivity, shuffle_patches
-from raydae.evaluate import (
-    HEADLINE_ORDER,
-    Embedder,
-    FeatureSpec,
-    feature_spec,
-    headline_metric,
-    measure_sensitivity,
-    trained_space,
-)
+from raydae.eval.spaces import HEADLINE_ORDER, Embedder, FeatureSpec, headline_metric, trained_space
+from raydae.scoring import feature_spec
+from raydae.scoring_tasks import measure_sensitivity
 from raydae.storage import RunFolder
 
 SIZE = 16
