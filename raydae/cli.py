@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 import traceback
 
-# First: importing it sets Ray's logging settings, which Ray reads when it is imported (below, through pipeline).
-from raydae import ray_env  # noqa: F401, I001
 from raydae.config import load_config, preset_names
-from raydae.data.pack import pack_folder
 from raydae.errors import UserError
-from raydae.pipeline import RunOptions, evaluate_folder, run_pipeline
-from raydae.report import write_report
-from raydae.sampling import sample_run
-from raydae.sweep import run_sweep
-from raydae.sweep_spec import load_sweep
+
+# The commands that need torch or Ray: command -> its function in raydae/commands.py. That module is
+# imported by name, and only when one of them runs, so `raydae presets` and `raydae config` start without
+# loading torch and Ray (a tenth of a second instead of seconds).
+HEAVY_COMMANDS_MODULE = "raydae.commands"
+HEAVY_COMMANDS = {"run": "run", "sample": "sample", "eval": "evaluate", "sweep": "sweep", "study": "sweep",
+                  "report": "report", "data": "pack"}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,69 +128,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(load_config(args.preset, args.config, args.overrides).to_yaml(), end="")
         return 0
-    if args.command == "data":
-        manifest = pack_folder(args.src, args.dst, image_size=args.size, shard_size=args.shard_size,
-                               on_bad_file=args.on_bad_file)
-        print(f"packed {manifest['count']} images into {len(manifest['shards'])} shard(s) in {args.dst}"
-              + (f"; skipped {len(manifest['skipped'])} bad file(s), listed in the manifest"
-                 if manifest.get("skipped") else ""))
-        return 0
-    if args.command == "run":
-        return _run(args)
-    if args.command == "sample":
-        if args.n <= 0:
-            raise UserError(f"--n {args.n}: give a positive number of samples")
-        sample_run(args.run_dir, args.n, args.out, args.out_dir, args.seed, args.steps, args.cfg)
-        print(f"wrote {args.n} samples to {args.out}" + (f" and {args.out_dir}/" if args.out_dir else ""))
-        return 0
-    if args.command == "eval":
-        metrics = evaluate_folder(args.run_dir, args.overrides, args.address)
-        print(json.dumps(metrics["eval"], indent=2, default=str))
-        print(f"\nresults: {args.run_dir.rstrip('/')}/metrics.json (key: eval)")
-        return 0
-    if args.command in ("sweep", "study"):
-        if args.command == "study" and not load_sweep(args.file).study:
-            raise UserError(f"{args.file} has no `study:` section; run it with `raydae sweep`, or see studies/")
-        summary = run_sweep(args.file, resume=args.resume, address=args.address, storage=args.storage)
-        for row in summary["trials"]:
-            value = "" if row["value"] is None else f"{row['metric']} {row['value']:.4g}"
-            print(f"{row['status']:9s} {row['trial']}  {value}")
-        best = summary["best"]
-        if best:
-            print(f"best: {best['trial']} ({best['metric']} = {best['value']:.4g}); "
-                  f"config: {summary['experiment']}/best_config.yaml")
-            report = write_report(summary["experiment"], metric=best["metric"], mode=summary["mode"])
-            print(f"report: {report['report']}")
-        else:
-            print("no trial finished; nothing to rank")
-        if "study" in summary:
-            print(summary["study"]["markdown"])
-            print(f"study: {summary['experiment']}/study.md (and study.json)")
-        print(f"results: {summary['experiment']}/results.csv   tensorboard --logdir {summary['experiment']}")
-        return 0
-    if args.command == "report":
-        result = write_report(args.path, metric=args.metric, mode=args.mode)
-        print(f"report: {result['report']} ({result['runs']} run(s), metric {result['metric']})")
-        for figure in result["figures"].values():
-            print(f"figure: {figure['path']}")
-        return 0
-    raise AssertionError(args.command)
-
-
-def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
-    options = RunOptions(storage=args.storage, name=args.name, resume=args.resume,
-                         overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
-    metrics = run_pipeline(config, options)
-    run_uri = metrics.get("run", "")
-    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "generator", "parameters", "eval", "wall_seconds")
-                             if k in metrics},
-                            indent=2, default=str))
-    print(f"\nresults: {run_uri}/metrics.json")
-    if "generator" in metrics:
-        print(f"samples: {run_uri}/samples.png  (more: raydae sample {run_uri} --n 64 --out grid.png)")
-    print(f"tensorboard: tensorboard --logdir {run_uri}")
-    return 0
+    commands = importlib.import_module(HEAVY_COMMANDS_MODULE)
+    return getattr(commands, HEAVY_COMMANDS[args.command])(args)
 
 
 if __name__ == "__main__":
