@@ -52,7 +52,7 @@ class DecoderConfig:
 
 @dataclass
 class KLConfig:
-    weight: float = 1e-3  # STUDY.md: ~1e-3 keeps tiny latents regular enough for a tiny prior
+    weight: float = 1e-3  # ~1e-3 keeps tiny latents regular enough for a tiny prior (the pilot)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class AutoencoderConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the final decoder
-    # STUDY.md: a quarter-width auxiliary decoder starved the encoder; start near half width.
+    # A quarter-width auxiliary decoder starved the encoder in the pilot; start near half width.
     aux_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(width=0.5))
     # Positive control: a fixed random +-1 pattern over the latent's channels and positions, applied after
     # the bottleneck and undone before every decoder. Reconstructions stay exactly the same; only the
@@ -127,7 +127,7 @@ class TrainConfig:
     stage1_steps: int = 1000
     stage2_steps: int = 1000
     # joint training runs this many steps; 0 means stage1_steps + stage2_steps ("equal total steps",
-    # schedule A in STUDY.md). Set it to stage2_steps for schedule B (equal final-decoder steps).
+    # schedule A, docs/architecture.md). Set it to stage2_steps for schedule B (equal final-decoder steps).
     joint_steps: int = 0
     batch_size: int = 64  # global batch; each worker takes batch_size / num_workers
     lr: float = 2e-4
@@ -154,7 +154,7 @@ class DiTConfig:
     model: str = "DiT-T/2"  # a name in raydae.models.dit.DIT_MODELS (S/B/L/XL with patch 2/4/8, tiny T/XS)
     num_timesteps: int = 1000
     schedule: str = "cosine"  # linear | cosine
-    prediction: str = "v"  # eps | v (STUDY.md: epsilon diverged on tiny shapes latents, v was stable)
+    prediction: str = "v"  # eps | v (the pilot: epsilon diverged on tiny shapes latents, v was stable)
     sample_steps: int = 50  # DDIM steps
     class_conditional: bool = False
     class_dropout: float = 0.1  # label dropout, so one model serves classifier-free guidance

@@ -41,7 +41,7 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
         needed = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
         num_cpus = max(num_cpus, needed)
     # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
-    # logs "State API may be temporarily unavailable" every few seconds (RAY.md).
+    # logs "State API may be temporarily unavailable" every few seconds.
     # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
     return True
