@@ -27,20 +27,42 @@ import ray.train.torch
 from raydae.checkpoints import load_checkpoint_state, load_state, save_training_state
 from raydae.config import Config
 from raydae.probe import SampleProbe
-from raydae.tasks import make_task, warmup_scale
+from raydae.seeds import derive_seed
+from raydae.tasks import Task, make_task, warmup_scale
 
-def train_worker(loop_config: dict) -> None:
-    config = Config.from_dict(loop_config["config"])
-    stage: str = loop_config["stage"]
-    steps: int = loop_config["steps"]
-    train = config.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, config.scaling.torch_threads or int(config.scaling.cpus_per_worker)))
-    torch.manual_seed(train.seed * 1000 + rank)
-    device = ray.train.torch.get_device()
 
-    task = make_task(config, stage, loop_config.get("task_options"))
+class StepWindow:
+    """What the steps since the window opened did: summed logs, images, and seconds waiting for data and in all."""
+
+    def __init__(self) -> None:
+        self.opened = time.perf_counter()
+        self.steps, self.images = 0, 0
+        self.waiting = self.busy = 0.0
+        self.sums: dict[str, float] = {}
+
+    def add(self, logs: dict[str, float], images: int, waiting: float, busy: float) -> None:
+        self.steps += 1
+        self.images += images
+        self.waiting += waiting
+        self.busy += busy
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        return {key: value / self.steps for key, value in self.sums.items()}
+
+    def images_per_second(self) -> float:
+        """Over the wall-clock time since the window opened (bookkeeping between steps included)."""
+        return self.images / (time.perf_counter() - self.opened)
+
+    def wait_fraction(self) -> float:
+        return self.waiting / max(self.busy, 1e-9)
+
+
+def _restore(task: Task, loop_config: dict, device: torch.device) -> tuple[dict | None, bool]:
+    """Load the latest registered checkpoint (a retry or a restarted run), else the previous stage's weights;
+    prepare the task on `device`. Returns the checkpoint's state (None on a fresh start) and whether Ray
+    handed one back."""
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -54,9 +76,25 @@ def train_worker(loop_config: dict) -> None:
     if state is not None:
         for name, opt in task.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+    return state, checkpoint is not None
+
+
+def train_worker(loop_config: dict) -> None:
+    config = Config.from_dict(loop_config["config"])
+    stage: str = loop_config["stage"]
+    steps: int = loop_config["steps"]
+    train = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, config.scaling.torch_threads or int(config.scaling.cpus_per_worker)))
+    torch.manual_seed(derive_seed(train.seed, rank, stride=1000))
+    device = ray.train.torch.get_device()
+
+    task = make_task(config, stage, loop_config.get("task_options"))
+    state, resumed = _restore(task, loop_config, device)
     step = state["step"] if state else 0
     # Reseed by step, so a resumed attempt does not replay the random stream (noise, dropout) from step 0.
-    torch.manual_seed((train.seed * 1_000_003 + step) * 1009 + rank)
+    torch.manual_seed(derive_seed(derive_seed(train.seed, step), rank, stride=1009))
     # `history` records where each attempt started, so a resumed run can show it did not start over.
     history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world}]
 
@@ -81,15 +119,10 @@ def train_worker(loop_config: dict) -> None:
         else torch.autocast(device_type=device.type, enabled=False)
     )
     shard = ray.train.get_dataset_shard("train")
-    wait_time = step_time = 0.0  # whole attempt
-    window_wait = window_time = 0.0  # since the last progress line
-    window_images, window_start, window_steps = 0, time.perf_counter(), 0
-    sums: dict[str, float] = {}
-    report_sums: dict[str, float] = {}  # losses since the last report: what Tune's schedulers compare
-    report_steps = 0
+    attempt = StepWindow()  # the whole attempt
+    progress = StepWindow()  # since the last progress line (after a resume the first is shorter than log_every)
+    since_report = StepWindow()  # losses since the last report: what Tune's schedulers compare
     sample_batch = None
-    started = time.perf_counter()
-    trained_steps = 0
 
     epoch = 0
     # Data wait is the time from the end of one step's bookkeeping (logging, images, checkpoints) to the next
@@ -104,64 +137,42 @@ def train_worker(loop_config: dict) -> None:
             # A few batches in flight hide the pipeline's restart at each epoch boundary.
             prefetch_batches=4,
             local_shuffle_buffer_size=shuffle or None,
-            local_shuffle_seed=(train.seed * 100003 + (step + epoch) * 31 + rank) if shuffle else None,
+            local_shuffle_seed=derive_seed(train.seed, derive_seed(step + epoch, rank, stride=31), stride=100003)
+            if shuffle else None,
         )
         epoch += 1
         got_batch = False
         for batch in batches:
             got_batch = True
             fetched = time.perf_counter()
-            if trained_steps == 0:
+            if attempt.steps == 0:
                 tick = fetched  # the first fetch is the pipeline's start-up, not steady-state waiting
-            wait_time += fetched - tick
-            window_wait += fetched - tick
             if sample_batch is None:
                 sample_batch = {k: v[:16].clone() for k, v in batch.items()}
-            if train.fail_at_step == step and checkpoint is None and stage != "generator":
+            if train.fail_at_step == step and not resumed and stage != "generator":
                 # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
             with autocast:
                 lr_scale = warmup_scale(step, settings.warmup_steps, steps, settings.lr_schedule)
                 logs = task.train_step(batch, step, lr_scale=lr_scale)
             step += 1
-            trained_steps += 1
-            window_images += per_worker_batch * world
-            window_steps += 1  # after a resume the first window can be shorter than log_every
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-                report_sums[key] = report_sums.get(key, 0.0) + value
-            report_steps += 1
             tock = time.perf_counter()
-            step_time += tock - tick
-            window_time += tock - tick
+            for window in (attempt, progress, since_report):
+                window.add(logs, per_worker_batch * world, fetched - tick, tock - tick)
 
-            if writer is not None and step % settings.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                means = {k: v / window_steps for k, v in sums.items()}
-                for key, value in means.items():
-                    writer.add_scalar(f"{stage}/{key}", value, step)
-                lr = next(iter(task.optimizers.values())).param_groups[0]["lr"]
-                writer.add_scalar(f"{stage}/lr", lr, step)
-                writer.add_scalar(f"{stage}/images_per_second", window_images / elapsed, step)
-                writer.add_scalar(f"{stage}/data_wait_fraction", window_wait / max(window_time, 1e-9), step)
-                extra = "".join(f"{key.split('/')[-1]} {means[key]:.4f}  " for key in task.progress_keys if key in means)
-                print(
-                    f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  {extra}"
-                    f"{window_images / elapsed:.0f} img/s  data wait {100 * window_wait / max(window_time, 1e-9):.1f}%",
-                    flush=True,
-                )
             if step % settings.log_every == 0:
-                sums, window_images, window_start, window_steps = {}, 0, time.perf_counter(), 0
-                window_wait = window_time = 0.0
+                if writer is not None:
+                    _log_progress(writer, task, stage, step, steps, progress)
+                progress = StepWindow()
             if writer is not None and step % settings.image_every == 0 and sample_batch is not None:
                 writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
             if step % settings.checkpoint_every == 0 and step < steps:
                 _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
-                means = {key: value / report_steps for key, value in report_sums.items()}
+                means = since_report.means()
                 if probe is not None:
                     means.update(_run_probe(probe, task, writer, stage, step))
                 _report(task, config, stage, step, history, {"step": step, **means}, rank)
-                report_sums, report_steps = {}, 0
+                since_report = StepWindow()
             tick = time.perf_counter()
             if step >= steps:
                 break
@@ -177,12 +188,12 @@ def train_worker(loop_config: dict) -> None:
         metrics.update(task.evaluate(val.iter_torch_batches(
             batch_size=per_worker_batch, device=device, dtypes=task.batch_dtypes,
         )))
-        if trained_steps:
-            metrics["train/images_per_second"] = trained_steps * per_worker_batch * world / max(step_time, 1e-9)
-            metrics["train/data_wait_fraction"] = wait_time / max(step_time, 1e-9)
+        if attempt.steps:
+            metrics["train/images_per_second"] = attempt.images / max(attempt.busy, 1e-9)
+            metrics["train/data_wait_fraction"] = attempt.wait_fraction()
         if probe is not None:
             metrics.update(_run_probe(probe, task, writer, stage, step))
-        metrics["train/seconds_this_attempt"] = time.perf_counter() - started
+        metrics["train/seconds_this_attempt"] = time.perf_counter() - attempt.opened
         metrics["parameters"] = task.parameter_counts()
         metrics["history"] = history
         for key, value in metrics.items():
@@ -194,6 +205,24 @@ def train_worker(loop_config: dict) -> None:
     _report(task, config, stage, step, history, metrics, rank, final=True)
     if writer is not None:
         writer.close()
+
+
+def _log_progress(writer, task: Task, stage: str, step: int, steps: int, window: StepWindow) -> None:
+    """TensorBoard scalars (the window's mean logs, learning rate, throughput, data wait) and a progress line."""
+    images_per_second = window.images_per_second()
+    means = window.means()
+    for key, value in means.items():
+        writer.add_scalar(f"{stage}/{key}", value, step)
+    lr = next(iter(task.optimizers.values())).param_groups[0]["lr"]
+    writer.add_scalar(f"{stage}/lr", lr, step)
+    writer.add_scalar(f"{stage}/images_per_second", images_per_second, step)
+    writer.add_scalar(f"{stage}/data_wait_fraction", window.wait_fraction(), step)
+    extra = "".join(f"{key.split('/')[-1]} {means[key]:.4f}  " for key in task.progress_keys if key in means)
+    print(
+        f"[{stage}] step {step}/{steps}  loss {means.get('loss/total', float('nan')):.4f}  {extra}"
+        f"{images_per_second:.0f} img/s  data wait {100 * window.wait_fraction():.1f}%",
+        flush=True,
+    )
 
 
 def _run_probe(probe: SampleProbe, task, writer, stage: str, step: int) -> dict[str, float]:
