@@ -13,7 +13,7 @@ the global RNG and the thread count are left alone).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import math
 import time
@@ -151,23 +151,16 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     model = ConvClassifier(num_classes, images.shape[1], width)
     initialise_weights(model, generator)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, steps))
-
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    for index in shuffled_batches(n, batch_size, steps, generator):
+
+    def batch_loss(index: Tensor) -> Tensor:
         x = images[index]
         if flips:
             x = random_flips(x, generator, vertical=flips == "hv")
-        loss = F.cross_entropy(model(x.to(device)), labels[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return F.cross_entropy(model(x.to(device)), labels[index].to(device))
 
-    model.eval().requires_grad_(False)
+    fit(model, batch_loss, n, steps, batch_size, lr, warmup_steps, weight_decay, generator, device)
     seconds = time.perf_counter() - start
     info = {
         "train_accuracy": accuracy(model, images[:5000], labels[:5000]),
@@ -184,6 +177,22 @@ def train_classifier(
         "seconds": seconds,
     }
     return model, info
+
+
+def fit(model: nn.Module, batch_loss: Callable[[Tensor], Tensor], n: int, steps: int, batch_size: int, lr: float,
+        warmup_steps: int, weight_decay: float, generator: torch.Generator, device: str | torch.device) -> None:
+    """Train `model` on `steps` index batches into `n` rows (`batch_loss(index)` -> loss): AdamW, a linear warmup
+    then a cosine decay to 0. The model ends frozen, in eval mode."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, steps))
+    for index in shuffled_batches(n, batch_size, steps, generator):
+        loss = batch_loss(index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval().requires_grad_(False)
 
 
 def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:

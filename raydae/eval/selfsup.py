@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raydae.eval.classifier import (ConvClassifier, as_model_input, initialise_weights, random_flips, shuffled_batches,
-                                    warmup_cosine)
+from raydae.eval.classifier import ConvClassifier, as_model_input, fit, initialise_weights, random_flips
 from raydae.eval.sensitivity import gaussian_blur
 
 MAX_BLUR, MAX_NOISE = 3.0, 0.3  # training strengths reach past the sensitivity check's levels (2.0, 0.2)
@@ -93,22 +92,14 @@ def train_degradation_estimator(
     generator = torch.Generator().manual_seed(seed)
     model = DegradationEstimator(images.shape[1], width)
     initialise_weights(model, generator)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, steps))
-
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    for index in shuffled_batches(n, batch_size, steps, generator):
-        x = random_flips(images[index], generator, vertical=False)
-        x, targets = corrupt(x, generator)
-        loss = F.mse_loss(model(x.to(device)), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
 
-    model.eval().requires_grad_(False)
+    def batch_loss(index: Tensor) -> Tensor:
+        x, targets = corrupt(random_flips(images[index], generator, vertical=False), generator)
+        return F.mse_loss(model(x.to(device)), targets.to(device))
+
+    fit(model, batch_loss, n, steps, batch_size, lr, warmup_steps, weight_decay, generator, device)
     seconds = time.perf_counter() - start
     check = torch.Generator().manual_seed(seed + 1)  # the same corruptions for every net of this seed
     info = {
