@@ -32,14 +32,8 @@ from raydae.models import (
     latent_shape,
 )
 from raydae.pixels import model_input, unit_interval
-from raydae.tasks.common import (
-    evaluation_mode,
-    make_grid,
-    optimizer_step,
-    parameter_counts,
-    place_modules,
-    set_learning_rate,
-)
+from raydae.tasks.common import (evaluation_mode, make_grid, optimizer_step, parameter_counts, place_modules,
+                                  set_learning_rate)
 
 AUTOENCODER_STAGES = ("stage1", "stage2", "joint")
 

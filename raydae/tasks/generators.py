@@ -24,14 +24,8 @@ from raydae.errors import UserError
 from raydae.models import build_bottleneck, build_decoder
 from raydae.models.dit import build_dit
 from raydae.models.prior import build_prior
-from raydae.tasks.common import (
-    evaluation_mode,
-    make_grid,
-    optimizer_step,
-    parameter_counts,
-    place_modules,
-    set_learning_rate,
-)
+from raydae.tasks.common import (evaluation_mode, make_grid, optimizer_step, parameter_counts, place_modules,
+                                  set_learning_rate)
 
 
 class GeneratorTask:
