@@ -13,7 +13,7 @@ DataLoader arm: a map-style Dataset (folder: one file per item) or an IterableDa
 groups dealt out to the workers), decoding with raydae.data.images.load_square + to_chw (the same
 PIL decode, resize/centre-crop, uint8 CHW tensors), default collate, num_workers = Ray's CPUs,
 persistent workers, pin_memory on CUDA. Both arms turn batches into float32 [-1, 1] on the device
-with images.model_input, as AutoencoderTask does. Both arms read the training split only and do not shuffle.
+with pixels.model_input, as AutoencoderTask does. Both arms read the training split only and do not shuffle.
 Epochs alternate between the arms; the first epoch of each is warm-up (worker processes, imports) and is
 left out. Target: Ray Data / DataLoader >= 1.
 
@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from raydae.config import DataConfig, load_config  # noqa: E402
 from raydae.data import images as imgs  # noqa: E402
+from raydae.pixels import model_input  # noqa: E402
 
 
 def main() -> None:
@@ -234,7 +235,7 @@ def compare(kind: str, root: str, size: int, args) -> dict:
                                                      dtypes=dtypes, prefetch_batches=4):
             first = first or time.perf_counter() - start
             count += len(batch["label"])
-            _check({**batch, "image": imgs.model_input(batch["image"])}, size, device)
+            _check({**batch, "image": model_input(batch["image"])}, size, device)
         _sync(device)
         return count, time.perf_counter() - start, first
 
@@ -247,7 +248,7 @@ def compare(kind: str, root: str, size: int, args) -> dict:
         start, count, first = time.perf_counter(), 0, None
         for image, label in loader:
             first = first or time.perf_counter() - start
-            batch = {"image": imgs.model_input(image.to(device, non_blocking=True)),
+            batch = {"image": model_input(image.to(device, non_blocking=True)),
                      "label": label.to(device, non_blocking=True)}
             count += len(batch["label"])
             _check(batch, size, device)

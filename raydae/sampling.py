@@ -22,8 +22,7 @@ from raydae.tasks import make_grid
 
 
 def generator_checkpoint(run_dir: str) -> str:
-    storage, _, name = run_dir.rstrip("/").rpartition("/")
-    run = RunFolder(storage or ".", name)
+    run = RunFolder.from_path(run_dir)
     if not run.exists():
         raise UserError(f"{run_dir}: no such run folder")
     if not run.exists("generator.done.json"):

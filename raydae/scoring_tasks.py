@@ -30,7 +30,7 @@ from raydae.eval.spaces import Embedder, FeatureBank, FeatureSpec
 from raydae.models import build_decoder, count_parameters
 from raydae.pixels import model_input
 from raydae.seeds import derive_seed
-from raydae.tasks import run_bottleneck
+from raydae.tasks import encode_images
 
 CLASSIFIER_IMAGES = (10000, 2000)  # train / val images a trained feature network learns from and is checked on
 
@@ -90,7 +90,7 @@ def reconstruct_and_measure(checkpoints: dict[str, str], image_set, limit: int, 
         z = torch.cat(latents)[:lipschitz_latents]
         image_shape = (3, task.config.data.image_size, task.config.data.image_size)
         blockers = lipschitz_blockers(task.decoder)
-        encoder_flops = flops_per_image(lambda x: run_bottleneck(task.bottleneck, task.encoder(x), sample=False),
+        encoder_flops = flops_per_image(lambda x: encode_images(task.encoder, task.bottleneck, x),
                                         torch.zeros((1, *image_shape), device=device))
         out[role] = {
             "metrics": {key.split("/", 1)[1]: value for key, value in metrics.items()},
@@ -197,7 +197,7 @@ def latent_distance(autoencoder_uri: str, train, val, limit: int, steps: int, cr
         images, latents = [], []
         for batch in _images(image_set, n, 500, device):
             images.append(batch["image"].cpu())
-            latents.append(run_bottleneck(task.bottleneck, task.encoder(batch["image"]), sample=False).z.cpu())
+            latents.append(encode_images(task.encoder, task.bottleneck, batch["image"]).z.cpu())
         return torch.cat(latents), torch.cat(images)
 
     with torch.no_grad():

@@ -18,6 +18,7 @@ from PIL import Image
 
 from raydae.config import Config
 from raydae.data import images as imgs
+from raydae.pixels import model_input
 from raydae.data.shapes import render_shapes
 from raydae.eval import RandomFeatureNet, frechet_distance
 from raydae.eval.classifier import train_classifier
@@ -71,7 +72,7 @@ def _check_sees_damage(embed, real: torch.Tensor) -> dict:
         assert report[kind]["levels"] == list(levels)
         assert report[kind]["monotone"], (kind, floor, report[kind]["fd"])
     assert report["monotone"] and report["num_images"] == len(real) // 2
-    reference = embed(imgs.model_input(real[: len(real) // 2]))
+    reference = embed(model_input(real[: len(real) // 2]))
     for bad in (_colour_blobs(len(real) // 2), _pure_noise(len(real) // 2)):
         assert frechet_distance(reference, embed(bad)) > 10 * floor
     return report
@@ -91,7 +92,7 @@ def selfsup_net(shapes_data):
 
 # ---------------------------------------------------------------------------- degradations
 def test_degradations_keep_shape_and_range_and_shuffling_only_moves_tiles():
-    real = imgs.model_input(_shapes(8)[0])
+    real = model_input(_shapes(8)[0])
     generator = torch.Generator().manual_seed(0)
     for kind, levels in DEGRADATIONS.items():
         for level in levels:
@@ -114,7 +115,7 @@ def test_sensitivity_report_format_and_the_floor_is_real_vs_real():
     net = RandomFeatureNet(seed=0, feature_dim=32)
     report = feature_sensitivity(lambda x: net.features(x).numpy(), real, batch_size=16)
     assert set(report) == {"num_images", "floor", "monotone", *DEGRADATIONS}
-    halves = net.features(imgs.model_input(real[:32])), net.features(imgs.model_input(real[32:]))
+    halves = net.features(model_input(real[:32])), net.features(model_input(real[32:]))
     assert report["floor"] == pytest.approx(frechet_distance(*halves), rel=1e-6)
     assert len(report["noise"]["fd"]) == 3 and json.loads(json.dumps(report)) == report  # metrics.json-ready
     several = feature_sensitivity(lambda x: {"a": net.features(x).numpy(), "b": net.features(x).numpy()[:, :8]},
@@ -237,7 +238,7 @@ def test_a_folder_with_class_sub_folders_gets_dataclf_with_left_right_flips(tmp_
     assert "weak fallback" in described["randfeat"]
     info = json.loads(next((tmp_path / "eval_cache").glob("classifier-*.pt.json")).read_text())
     assert info["flips"] == "h" and info["val_accuracy"] > 0.9  # red vs blue
-    embedded = Embedder(spec, torch.device("cpu"))(imgs.model_input(torch.from_numpy(image_set["image"][:5])))
+    embedded = Embedder(spec, torch.device("cpu"))(model_input(torch.from_numpy(image_set["image"][:5])))
     assert embedded["dataclf"].shape == (5, 128) and embedded["dataclf_class"].shape == (5,)
     # The second evaluation of the same data finds the classifier in the cache.
     again, _ = feature_spec(config, cache, {"train": image_set, "val": image_set}, 2, _in_process(calls))

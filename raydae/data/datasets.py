@@ -197,7 +197,7 @@ def _files_dataset(root: str, paths: list[str], label_index: dict[str, int], siz
 
 
 def _decode_files_batch(batch, root: str, label_index: dict[str, int], size: int) -> dict:
-    # The path column is dropped here: a string column breaks iter_torch_batches (RAY.md).
+    # The path column is dropped here: a string column breaks iter_torch_batches.
     images = imgs.decode_squares(batch["bytes"], batch["path"], size)
     labels = [imgs.label_of(os.path.relpath(p, root).replace(os.sep, "/"), label_index) for p in batch["path"]]
     return {"image": imgs.to_chw(images), "label": np.array(labels, dtype=np.int64)}
@@ -239,7 +239,7 @@ def _parquet(root: str, cfg: DataConfig) -> DataBundle:
 
 
 def _decode_parquet_batch(batch, size: int, val_fraction: float, want_val: bool) -> dict:
-    # `image` arrives as an object array of Python bytes (RAY.md); keep this split's rows, decode them.
+    # `image` arrives as an object array of Python bytes; keep this split's rows, decode them.
     keep = [i for i, p in enumerate(batch["path"]) if imgs.is_val(str(p), val_fraction) == want_val]
     images = imgs.decode_squares(batch["image"][keep], batch["path"][keep], size)
     return {"image": imgs.to_chw(images), "label": np.asarray(batch["label"], dtype=np.int64)[keep]}

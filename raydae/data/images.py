@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raydae.errors import UserError
-from raydae.pixels import model_input  # noqa: F401 - evaluate.py still imports it from here (issue 15 moves that)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # matched case-insensitively
 NO_LABEL = "none"  # label_names of a folder whose images are not sorted into sub-folders
