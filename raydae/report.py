@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from raydae.errors import UserError  # noqa: E402
 from raydae.metrics_json import dotted_get, flatten_numbers, is_metric_value, metric_value  # noqa: E402
-from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, spearman_bootstrap  # noqa: E402
+from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, asha_replay, spearman, spearman_bootstrap  # noqa: E402
 
 # Folders a run writes inside itself; none holds another run, and checkpoint_* ones look like runs
 # (config.yaml, metrics.json). Stage folders are skipped only inside a run, so a run named `joint` is found.
@@ -43,6 +43,8 @@ DEFAULT_METRICS = ("fid", "fd_shapesclf", "fd_randfeat")
 HIGHER_IS_BETTER_PREFIXES = ("precision", "recall")  # and `is`; distances and KLs are lower-is-better
 LATENT_QUALITY = "latent_quality"  # metrics.json section of cheap latent measures (eval/latent_quality.py)
 # The latent-data distance (docs/latent_distance.md): the held-out value and the paired L2.
+PROBE_TAG = "generator/probe/fd"  # the sample probe's Fréchet distance at each generator checkpoint
+ASHA_REPLAY_FACTOR = 2  # the reduction factor the replay assumes (sweeps/quick.yaml's)
 LATENT_DISTANCE_MEASURES = ("eval.latent_distance.value", "eval.latent_distance.paired_l2_val")
 
 
@@ -533,6 +535,52 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
     return report
 
 
+def probe_events(run: Run) -> list[tuple[float, int, float]]:
+    """(wall time, generator step, probe distance) of each sample probe the run logged, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = run.folder / "tensorboard" / "generator"
+    if not board.is_dir():
+        return []
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0})
+    events.Reload()
+    if PROBE_TAG not in events.Tags().get("scalars", []):
+        return []
+    by_step = {event.step: (event.wall_time, event.step, event.value) for event in events.Scalars(PROBE_TAG)}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def asha_agreement(runs: list[Run], metric: str, mode: str) -> list[str]:
+    """For runs that all ran to the end (FIFO): what ASHA on the sample probe would have stopped, replayed on
+    their probes in the order they arrived, against the final ranking by `metric`. Empty when not applicable."""
+    probes = {run.name: probe_events(run) for run in runs if run.value(metric) is not None}
+    probes = {name: events for name, events in probes.items() if len(events) >= 2}
+    last_steps = {events[-1][1] for events in probes.values()}
+    if len(probes) < MIN_RUNS or len(last_steps) != 1:
+        return []  # too few runs, or some were stopped early (an ASHA sweep: nothing to replay)
+    grace, max_t = min(events[0][1] for events in probes.values()), last_steps.pop()
+    arrivals = sorted((wall, name, step, value) for name, events in probes.items() for wall, step, value in events)
+    stopped = asha_replay([(name, step, value) for _, name, step, value in arrivals], grace, ASHA_REPLAY_FACTOR,
+                          max_t, mode="min")
+    final = {run.name: run.value(metric) for run in runs if run.name in probes}
+    order = sorted(final, key=final.get, reverse=(mode == "max"))
+    rank = {name: position + 1 for position, name in enumerate(order)}
+    first_rung = {name: events[0][2] for name, events in probes.items()}
+    halted = [name for name in order if stopped[name] is not None]
+    worse_half = [name for name in halted if rank[name] > len(order) / 2]
+    rho = spearman([first_rung[name] for name in order], [final[name] for name in order])
+    lines = ["## ASHA replayed on these runs", "",
+             f"Every run here ran to the end. Replaying ASHA (the sample probe, grace period {grace} generator steps, "
+             f"reduction factor {ASHA_REPLAY_FACTOR}, max_t {max_t}) on their probes in the order they arrived, it "
+             f"would stop {len(halted)} of {len(order)} runs; {len(worse_half)} of those rank in the worse half by the "
+             f"final `{metric}`, and the final best run would {'be stopped' if order[0] in halted else 'survive'}. "
+             f"Spearman ρ between the probe at step {grace} and the final `{metric}`: {_fmt(rho)}.", ""]
+    rows = [[f"`{name}`", _fmt(first_rung[name]), str(stopped[name]) if stopped[name] is not None else "runs on",
+             _fmt(final[name]), str(rank[name])] for name in order]
+    return lines + _table(["run", f"probe at step {grace}", "ASHA would stop at", f"final `{metric}`", "final rank"],
+                          rows)
+
+
 # ---------------------------------------------------------------- entry point
 
 def write_report(path: str, metric: str | None = None, mode: str | None = None, tensorboard: bool = True) -> dict:
@@ -583,6 +631,8 @@ def write_report(path: str, metric: str | None = None, mode: str | None = None, 
 
     correlations = latent_correlations(finished, metric) if metric and len(finished) > 1 else []
     section = correlation_section(correlations, metric, mode) if correlations else []
+    if metric and len(finished) > 1:
+        section += asha_agreement(finished, metric, mode)
     if section:
         print("\n".join(section), flush=True)
     report = write_markdown(root, ordered, metric, mode, figures, section)

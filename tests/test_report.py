@@ -227,3 +227,33 @@ def test_no_latent_table_without_latent_measures_or_for_one_run(sweep, tmp_path)
     add_metrics(tmp_path / "one", latent_quality={"hf_energy": 0.3})
     result = write_report(str(tmp_path / "one"), tensorboard=False)
     assert result["latent_correlations"] == [] and "Latent measures" not in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_fifo_sweep_report_replays_asha_on_the_probes(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = tmp_path / "fifo"
+    # Probe distances at steps 100 and 200, arriving run by run. At the rung (factor 2) b is worse than a, the
+    # only one recorded before it, and d worse than the median of a, b, c: both would stop; a and c run on.
+    probes = {"a": (30.0, 25.0), "b": (50.0, 45.0), "c": (20.0, 15.0), "d": (60.0, 55.0)}
+    for index, (name, (first, last)) in enumerate(probes.items()):
+        make_run(root / name, fd=last + 1.0)
+        writer = SummaryWriter(str(root / name / "tensorboard" / "generator"))
+        writer.add_scalar("generator/probe/fd", first, 100, walltime=1000.0 + index)
+        writer.add_scalar("generator/probe/fd", last, 200, walltime=2000.0 + index)
+        writer.close()
+    write_report(str(root), tensorboard=False)
+    text = (root / "report.md").read_text()
+    assert "## ASHA replayed on these runs" in text
+    rows = {row[0].strip("`"): row for row in table_rows(text, "| run | probe at step 100")}
+    assert [rows[name][2] for name in "abcd"] == ["runs on", "100", "runs on", "100"]
+    assert rows["c"][4] == "1" and rows["d"][4] == "4"
+    assert "would stop 2 of 4 runs; 2 of those rank in the worse half" in text and "best run would survive" in text
+    # Runs stopped early (an ASHA sweep) have nothing to replay.
+    make_run(root / "e", fd=10.0, stages=["stage1"])
+    writer = SummaryWriter(str(root / "e" / "tensorboard" / "generator"))
+    writer.add_scalar("generator/probe/fd", 70.0, 100, walltime=1005.0)
+    writer.add_scalar("generator/probe/fd", 69.0, 150, walltime=1006.0)
+    writer.close()
+    write_report(str(root), tensorboard=False)
+    assert "ASHA replayed" not in (root / "report.md").read_text()
