@@ -105,7 +105,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DAE: skip stage 1 and start stage 2 from this stage-1 checkpoint folder")
 
 
+def line_buffered_console() -> None:
+    """Every printed line leaves at once, also into a pipe or a file (`| tee run.log`, nohup, a job's log).
+
+    Python block-buffers stdout that is not a terminal, so progress lines (the driver's own and the workers'
+    that Ray forwards to it) would wait there until the run ends."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):  # a stream replaced by one without reconfigure (tests)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    line_buffered_console()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
