@@ -16,6 +16,7 @@ from raydae.errors import UserError
 from raydae.pipeline import RunOptions, evaluate_folder, run_pipeline
 from raydae.report import write_report
 from raydae.sampling import sample_run
+from raydae.summary import run_summary
 from raydae.sweep import run_sweep
 from raydae.sweep_spec import load_sweep
 
@@ -25,14 +26,7 @@ def run(args: argparse.Namespace) -> int:
     run_options = RunOptions(storage=args.storage, name=args.name, resume=args.resume,
                              overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
     metrics = run_pipeline(config, run_options)
-    run_uri = metrics.get("run", "")
-    print("\n" + json.dumps({k: metrics[k] for k in ("stages", "generator", "parameters", "eval", "wall_seconds")
-                             if k in metrics},
-                            indent=2, default=str))
-    print(f"\nresults: {run_uri}/metrics.json")
-    if "generator" in metrics:
-        print(f"samples: {run_uri}/samples.png  (more: raydae sample {run_uri} --n 64 --out grid.png)")
-    print(f"tensorboard: tensorboard --logdir {run_uri}")
+    print("\n" + run_summary(metrics))
     return 0
 
 

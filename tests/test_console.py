@@ -1,0 +1,136 @@
+"""What a user sees on the console: progress lines when they happen (also through a pipe), the progress
+convention, and the short summary at the end of a run."""
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from raydae.progress import Progress, format_seconds, heartbeat
+from raydae.summary import run_summary
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_prints_per_fraction_and_per_interval(capsys):
+    clock = FakeClock()
+    progress = Progress("latents", "encoding", total=100, unit="images", every_s=10, every_fraction=0.25, clock=clock)
+    for _ in range(100):
+        progress.advance(1)
+    clock.now = 12.0
+    progress.finish()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[latents] encoding: started (100 images)"
+    assert [line.split(": ", 1)[1].split(",")[0] for line in lines[1:-1]] == \
+        ["25/100 images (25%)", "50/100 images (50%)", "75/100 images (75%)"]
+    assert lines[-1] == "[latents] encoding: done, 100/100 images (100%), 12s"
+
+
+def test_progress_without_a_total_prints_per_interval(capsys):
+    clock = FakeClock()
+    progress = Progress("eval", "waiting", every_s=10, clock=clock, announce=False)
+    for second in range(35):
+        clock.now = float(second)
+        progress.advance(1)
+    assert capsys.readouterr().out.splitlines() == \
+        ["[eval] waiting: 11, 10s", "[eval] waiting: 21, 20s", "[eval] waiting: 31, 30s"]
+
+
+def test_heartbeat_says_it_is_still_running(capsys):
+    assert heartbeat("latents", "writing", lambda: time.sleep(0.35) or 7, every_s=0.1, status=lambda: "3 files") == 7
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[latents] writing: started"
+    assert any("writing: running" in line and "3 files" in line for line in lines[1:-1])
+    assert lines[-1].startswith("[latents] writing: done in")
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (4.4, 75, 3 * 3600 + 125)] == ["4s", "1m15s", "3h02m"]
+
+
+def _metrics() -> dict:
+    """A metrics.json as a DAE run with a DiT and evaluation writes it (trimmed)."""
+    return {
+        "run": "/runs/dae-kl4-s0", "mode": "dae", "wall_seconds": 754.2,
+        "stages": {
+            "stage1": {"steps": 2000, "val_mse": 0.01234, "val_psnr": 25.1, "val_ssim": 0.812, "wall_seconds": 301.0},
+            "stage2": {"steps": 2000, "val_mse": 0.00811, "val_psnr": 27.3, "val_ssim": 0.871, "wall_seconds": 288.5},
+        },
+        "generator": {"kind": "dit", "model": "DiT-T/2", "steps": 3000, "loss": 0.4321, "wall_seconds": 120.0},
+        "parameters": {"encoder": 1000, "decoder": 2000},
+        "eval": {"headline": "fd_shapesclf", "wall_seconds": 45.0,
+                 "samples": {"fd_shapesclf": 12.5, "num": 500},
+                 "real_vs_real": {"fd_shapesclf": 1.25},
+                 "reconstruction": {"decoder": {"fd_shapesclf": 3.5, "mse": 0.008},
+                                    "aux_decoder": {"fd_shapesclf": 6.0}}},
+    }
+
+
+def test_run_summary_is_short_and_names_what_matters():
+    text = run_summary(_metrics())
+    lines = text.splitlines()
+    assert len(lines) <= 14, text
+    assert "{" not in text  # not metrics.json again
+    stage1 = next(line for line in lines if line.lstrip().startswith("stage1"))
+    for needle in ("0.01234", "25.10", "0.812", "5m01s"):
+        assert needle in stage1
+    assert any("stage2" in line and "0.00811" in line and "27.30" in line for line in lines)
+    generator = next(line for line in lines if "generator" in line)
+    assert "dit" in generator and "0.4321" in generator and "2m00s" in generator
+    samples = next(line for line in lines if "fd_shapesclf" in line)
+    assert "12.5" in samples and "1.25" in samples and "3.5" in samples  # samples, floor, reconstructions
+    assert "/runs/dae-kl4-s0/metrics.json" in text and "/runs/dae-kl4-s0/samples.png" in text
+    assert "tensorboard --logdir /runs/dae-kl4-s0" in text
+
+
+def test_run_summary_without_generator_or_eval():
+    metrics = _metrics()
+    del metrics["generator"], metrics["eval"]
+    metrics["stages"]["stage2"]["val_ssim"] = None  # a missing number is shown as such, not a crash
+    text = run_summary(metrics)
+    assert "generator" not in text and "samples.png" not in text
+    assert "n/a" in text
+    assert "eval" in text  # says evaluation did not run and how to run it
+    metrics["stages"]["stage1"]["val_psnr"] = math.nan
+    assert "n/a" in run_summary(metrics)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)  # a fresh process starts its own Ray and two TorchTrainers
+def test_progress_reaches_a_piped_console_while_the_run_goes_on(tmp_path):
+    """`raydae run | tee log`: a stage-1 step line arrives while the run is still going, not in a burst at the end."""
+    command = [sys.executable, "-m", "raydae.cli", "run", "--preset", "tiny", "--storage", str(tmp_path / "runs"),
+               "--set", "train.stage1_steps=4", "--set", "train.stage2_steps=4", "--set", "train.log_every=2",
+               "--set", "generator=none", "--set", "eval.enabled=false"]
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env.pop("PYTHONUNBUFFERED", None)  # the fix must not depend on it
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    timer = threading.Timer(840, process.kill)
+    timer.start()
+    lines = []  # (seconds since start, line) as the pipe delivers them
+    started = time.monotonic()
+    try:
+        for raw in process.stdout:
+            lines.append((time.monotonic() - started, raw.decode(errors="replace").rstrip()))
+        code = process.wait()
+    finally:
+        timer.cancel()
+    ended = time.monotonic() - started
+    text = "\n".join(line for _, line in lines)
+    assert code == 0, text
+    stage1 = [t for t, line in lines if "[stage1] step" in line]
+    assert stage1, text
+    # Stage 2 alone (a TorchTrainer's start, steps, evaluation) takes well over 5 s after stage 1's last step.
+    assert stage1[0] < ended - 5, f"first [stage1] step line at {stage1[0]:.1f}s, run ended at {ended:.1f}s\n{text}"
+    assert "run summary" in text
