@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from raydae.devices import pick_device
 from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
 from raydae.pixels import model_input
+from raydae.progress import Progress, heartbeat
 from raydae.storage import RunFolder
 from raydae.tasks import encode_images, latent_signature
 
@@ -118,6 +120,8 @@ def latent_folder(storage: str, key: str) -> RunFolder:
 
 def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, storage: str) -> LatentSet:
     """Encode `bundle.train` and `bundle.val` unless latents for this key are already stored."""
+    from ray.data import ActorPoolStrategy
+
     key = encoder_key(state, config)
     folder = latent_folder(storage, key)
     if folder.exists(MANIFEST):
@@ -134,12 +138,18 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
             EncodeBatch,
             fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
             batch_size=256,
-            concurrency=max(1, scaling.num_workers),
+            compute=ActorPoolStrategy(size=max(1, scaling.num_workers)),
+            # Ray Data restarts a dead actor by default, but these actors' constructor arguments live in the
+            # object store, where Ray cannot promise them for a restart (it logs an error for every encoding).
+            # An encoding that fails is redone whole by the next run: the manifest is written last.
+            max_restarts=0,
             num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
             num_cpus=1,
         )
-        encoded.write_parquet(folder.child(attempt, split))
         counts[split] = bundle.num_train if split == "train" else bundle.num_val
+        target = folder.child(attempt, split)
+        heartbeat("latents", f"encoding the {split} split ({counts[split]} images)",
+                  lambda: encoded.write_parquet(target), status=_shards_written(folder, target))
     signature = latent_signature(config)
     manifest = {
         "format": FORMAT,
@@ -152,26 +162,41 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
         "seconds": time.time() - started,
     }
     if signature["bottleneck"] == "kl":
-        manifest["latent_std"] = measure_latent_std(folder.child(attempt, "train"), seed=config.train.seed)
+        manifest["latent_std"] = measure_latent_std(folder.child(attempt, "train"), seed=config.train.seed,
+                                                    expected_rows=counts["train"])
     folder.write_json(MANIFEST, manifest)  # written last: its presence means the set is complete
     return LatentSet(manifest["shards"], manifest, reused=False)
 
 
-def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000) -> float:
+def _shards_written(folder: RunFolder, target: str):
+    """For a heartbeat: how many Parquet files the encoding wrote so far (local storage; remote: nothing)."""
+    def status() -> str:
+        if not folder.is_local or not os.path.isdir(target):
+            return ""
+        return f"{sum(name.endswith('.parquet') for name in os.listdir(target))} Parquet file(s) written"
+    return status
+
+
+def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000, expected_rows: int | None = None) -> float:
     """Standard deviation of latents sampled from the posteriors (what the generator sees)."""
     import ray.data
 
     rows = ray.data.read_parquet(train_uri).select_columns(["mean", "logvar"]).limit(max_rows)
     generator = np.random.default_rng(seed)
     total, total_sq, count = 0.0, 0.0, 0
+    progress = Progress("latents", "std of sampled latents", total=min(max_rows, expected_rows or max_rows),
+                        unit="latents")
     for batch in rows.iter_batches(batch_size=4096, batch_format="numpy"):
+        progress.advance(len(batch["mean"]))
         mean, logvar = batch["mean"].astype(np.float64), batch["logvar"].astype(np.float64)
         z = mean + np.exp(0.5 * logvar) * generator.standard_normal(mean.shape)
         total += z.sum()
         total_sq += (z ** 2).sum()
         count += z.size
     variance = total_sq / count - (total / count) ** 2
-    return float(np.sqrt(max(variance, 1e-12)))
+    std = float(np.sqrt(max(variance, 1e-12)))
+    progress.finish(f"std {std:.4f}")
+    return std
 
 
 def read_latents(uri: str, split: str):

@@ -10,7 +10,8 @@ import time
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raydae.config import Config
@@ -19,6 +20,9 @@ from raydae.loop import train_worker
 from raydae.ray_env import QUIET_RAY_ENV
 from raydae.storage import RunFolder
 
+# Ray Train's own INFO lines (worker group started, the three-paragraph "run snapshot was found" notice on every
+# resume) say what raydae's own lines already say ("[stage1] resuming from step N"); its warnings still show.
+TRAIN_LOG_LEVEL = "WARNING"
 
 
 def connect(address: str | None = None, config: Config | None = None) -> bool:
@@ -153,10 +157,11 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, settings.keep_checkpoints)),
             # Inside a sweep's trial: callbacks that forward every report to Tune (sweep.report_to_tune).
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
         datasets=datasets,
         # Every worker sees the whole validation split; only rank 0 evaluates it.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     try:
         result = trainer.fit()
@@ -169,6 +174,16 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
     path = result.checkpoint.path
     uri = path if run.is_local else f"{run.uri.split('://')[0]}://{path.lstrip('/')}"
     return {"metrics": metrics, "checkpoint": uri}
+
+
+def ingest_options() -> ExecutionOptions:
+    """Ray Train's default ingest options (from the current DataContext), built without `exclude_resources`.
+
+    Train's own default passes `exclude_resources` along, which Ray Data 2.60 deprecates with a warning on
+    every fit; it is zero unless set, so leaving it out changes nothing else."""
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
 
 
 def _worker_error_line(err: Exception) -> str:

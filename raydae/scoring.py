@@ -42,6 +42,7 @@ from raydae.eval.spaces import (
 )
 from raydae.latents import data_fingerprint
 from raydae.metrics_json import flatten_numbers
+from raydae.progress import EVERY_S, Progress, format_seconds, heartbeat, say
 from raydae.scoring_tasks import (
     CLASSIFIER_IMAGES,
     embed_real,
@@ -201,18 +202,48 @@ def _class_metrics(real: dict, fake: dict, label_names: list[str], spec: Feature
     return out
 
 
-def run_bounded(jobs: dict, limit: int, ray_options: dict, **kwargs) -> dict:
-    """Run `{key: (fn, *args)}` as Ray tasks, at most `limit` at a time; returns `{key: result}`."""
+def run_bounded(jobs: dict, limit: int, ray_options: dict, labels: dict | None = None, **kwargs) -> dict:
+    """Run `{key: (fn, *args)}` as Ray tasks, at most `limit` at a time; returns `{key: result}`.
+
+    Says when each task starts and ends (`labels[key]` says what it does), and every `progress.EVERY_S`
+    seconds which are still running."""
     import ray
 
-    queue, running, results = list(jobs.items()), {}, {}
+    labels = labels or {}
+    progress = Progress("eval", "evaluation tasks", total=len(jobs), unit="done", every_s=EVERY_S, announce=False)
+    queue, running, started, results = list(jobs.items()), {}, {}, {}
     while queue or running:
         while queue and len(running) < limit:
             key, (fn, *args) = queue.pop(0)
             running[ray.remote(**ray_options)(fn).remote(*args, **kwargs)] = key
-        done, _ = ray.wait(list(running), num_returns=1)
-        results[running.pop(done[0])] = ray.get(done[0])
+            started[key] = time.monotonic()
+            say("eval", f"started {labels.get(key, key)}")
+        done, _ = ray.wait(list(running), num_returns=1, timeout=EVERY_S)
+        if not done:
+            now = time.monotonic()
+            busy = ", ".join(f"{labels.get(key, key)} ({format_seconds(now - started[key])})" for key in running.values())
+            progress.tick(f"running: {busy}")
+            continue
+        key = running.pop(done[0])
+        results[key] = ray.get(done[0])
+        progress.done += 1
+        say("eval", f"finished {labels.get(key, key)} in {format_seconds(time.monotonic() - started[key])} "
+                    f"({progress.status()})")
     return results
+
+
+def _job_labels(config: Config, jobs: dict) -> dict[str, str]:
+    """What each evaluation task does, in words, for its progress lines."""
+    ev = config.eval
+    labels = {"recon": f"reconstructing {ev.num_reconstructions} held-out images with each decoder",
+              "real": f"embedding {ev.num_real} real images",
+              "sensitivity": "measuring the feature spaces' sensitivity to blur, noise and patch shuffling",
+              "distance": f"estimating the latent-data distance ({ev.latent_distance_steps} steps)"}
+    for key, job in jobs.items():
+        if key.startswith("samples"):
+            start, count = job[2], job[3]
+            labels[key] = f"drawing and embedding samples {start}-{start + count - 1} of {ev.num_samples}"
+    return labels
 
 
 def _ray_task_options(config: Config) -> dict:
@@ -231,7 +262,8 @@ def _run_and_wait(config: Config):
     ray_options = _ray_task_options(config)
 
     def run_and_wait(fn, *args):
-        return ray.get(ray.remote(**ray_options)(fn).remote(*args, use_gpu=config.scaling.use_gpu))
+        ref = ray.remote(**ray_options)(fn).remote(*args, use_gpu=config.scaling.use_gpu)
+        return heartbeat("eval", fn.__name__.replace("_", " "), lambda: ray.get(ref))
 
     return run_and_wait
 
@@ -245,6 +277,7 @@ def _shared_images(config: Config, bundle) -> dict:
                        CLASSIFIER_IMAGES[0] if ev.classifier_steps > 0 else 0)
     val_needed = max(ev.num_reconstructions, ev.latent_distance_images // 4,
                      CLASSIFIER_IMAGES[1] if ev.classifier_steps > 0 else 0)
+    say("eval", f"reading up to {train_needed} train and {val_needed} held-out images for evaluation")
     return {"train": ray.put(collect_images(bundle.train, train_needed)),
             "val": ray.put(collect_images(bundle.val, val_needed))}
 
@@ -320,7 +353,8 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
                             ev.latent_distance_images, ev.latent_distance_steps,
                             ev.latent_distance_critic_steps, ev.seed)
 
-    results = run_bounded(jobs, slots, _ray_task_options(config), use_gpu=scaling.use_gpu)
+    say("eval", f"{len(jobs)} tasks, at most {slots} at a time")
+    results = run_bounded(jobs, slots, _ray_task_options(config), _job_labels(config, jobs), use_gpu=scaling.use_gpu)
     if "real" in results:
         cache.write_bytes(real_name, _save_arrays(results["real"]))
         real = results["real"]

@@ -51,6 +51,6 @@ def run_summary(metrics: dict) -> str:
         lines.append(f"  eval      not run (eval.enabled=false); score the run later with `raydae eval {run}`")
     lines.append(f"  files     {run}/metrics.json (every number), {run}/config.yaml")
     if generator:
-        lines.append(f"  samples   {run}/samples.png  (more: raydae sample {run} --n 64 --out grid.png)")
+        lines.append(f"  grid      {run}/samples.png  (more: raydae sample {run} --n 64 --out grid.png)")
     lines.append(f"  curves    tensorboard --logdir {run}")
     return "\n".join(lines)

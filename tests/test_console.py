@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from raydae import scoring
 from raydae.progress import Progress, format_seconds, heartbeat
 from raydae.summary import run_summary
 
@@ -103,6 +104,24 @@ def test_run_summary_without_generator_or_eval():
     assert "eval" in text  # says evaluation did not run and how to run it
     metrics["stages"]["stage1"]["val_psnr"] = math.nan
     assert "n/a" in run_summary(metrics)
+
+
+def _slow_square(x, pause, *, use_gpu):
+    time.sleep(pause)
+    return x * x
+
+
+@pytest.mark.ray
+def test_evaluation_tasks_say_when_they_start_end_and_what_still_runs(ray_session, monkeypatch, capsys):
+    monkeypatch.setattr(scoring, "EVERY_S", 0.2)
+    jobs = {"fast": (_slow_square, 2, 0.0), "slow": (_slow_square, 3, 1.5)}
+    results = scoring.run_bounded(jobs, 2, {"num_cpus": 0.01}, {"slow": "drawing samples 0-9 of 10"}, use_gpu=False)
+    assert results == {"fast": 4, "slow": 9}
+    lines = capsys.readouterr().out.splitlines()
+    assert "[eval] started drawing samples 0-9 of 10" in lines and "[eval] started fast" in lines
+    assert any(line.startswith("[eval] evaluation tasks: 1/2 done (50%)") and "running: drawing samples 0-9 of 10 ("
+               in line for line in lines), lines
+    assert lines[-1].startswith("[eval] finished drawing samples 0-9 of 10 in") and "2/2 done (100%)" in lines[-1]
 
 
 @pytest.mark.ray
