@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from raydae.config import DataConfig
-from raydae.data import BAD_FILES_NAME, SHAPE_NAMES, build_datasets, pack_folder, render_shapes
+from raydae.data import BAD_FILES_NAME, SHAPE_NAMES, build_datasets, pack_folder, render_shapes, source_fingerprint
+from raydae.data import datasets
 from raydae.data import images as imgs
 from raydae.errors import UserError
 from raydae.pixels import model_input, pil_arrays
@@ -269,3 +270,73 @@ def test_pack_round_trip(ray_session, tmp_path, pack_size):
         fx, fy = collect(getattr(from_folder, split))
         assert px.shape == (len(py), 3, SIZE, SIZE) and px.dtype == torch.float32
         assert as_sorted_pixels(px, py) == as_sorted_pixels(fx, fy)
+
+
+# ------------------------------------------------------------- progress and bad packs (no Ray)
+def test_pack_says_how_far_it_is(tmp_path, capsys):
+    make_class_folder(tmp_path / "data", per_class=3)
+    pack_folder(str(tmp_path / "data"), str(tmp_path / "packed"), image_size=SIZE)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[pack] packing ") and lines[0].endswith("started (6 images)")
+    assert lines[-1].startswith("[pack] packing ") and "done, 6/6 images (100%)" in lines[-1]
+    assert "6 packed into 1 shard(s)" in lines[-1]
+
+
+def test_source_fingerprint_reports_a_slow_walk_and_keeps_its_value(tmp_path, capsys):
+    import hashlib
+
+    make_class_folder(tmp_path / "data", per_class=2)
+    assert source_fingerprint("builtin:shapes") == ""
+    quiet = source_fingerprint(str(tmp_path / "data"))
+    assert capsys.readouterr().out == ""  # a fast walk says nothing
+    assert source_fingerprint(str(tmp_path / "data"), every_s=0.0) == quiet
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("[data] fingerprinting ") for line in lines)
+    assert "done" in lines[-1] and "files" in lines[-1]
+    # The digest is the one latents and evaluation caches were keyed by: paths, sizes, modification times.
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(tmp_path / "data"):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), tmp_path / "data")
+            digest.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    assert quiet == digest.hexdigest()
+
+
+def test_pack_with_a_missing_or_broken_shard_is_refused_in_one_line(tmp_path):
+    make_class_folder(tmp_path / "data", per_class=4)
+    packed = tmp_path / "packed"
+    manifest = pack_folder(str(tmp_path / "data"), str(packed), image_size=SIZE, shard_size=3)
+    (packed / manifest["shards"][1]).unlink()
+    with pytest.raises(UserError) as info:
+        build_datasets(folder_cfg(packed))
+    assert "\n" not in str(info.value)
+    assert f"shard {manifest['shards'][1]} listed in manifest.json is missing; pack the folder again" in str(info.value)
+    (packed / manifest["shards"][1]).write_bytes(b"PAR1 truncated")
+    with pytest.raises(UserError, match=r"data shard .*shard-00001.parquet cannot be read \(.*\); pack the folder"):
+        build_datasets(folder_cfg(packed))
+
+
+# --------------------------------------------------- Ray: progress, small sets in memory, batch size
+@pytest.mark.ray
+def test_folder_check_says_how_far_it_is_and_a_small_set_stays_in_memory(ray_session, tmp_path, capsys):
+    make_class_folder(tmp_path / "data")
+    bundle = build_datasets(folder_cfg(tmp_path / "data"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "[data] checking that every image file decodes: started (12 files)" in lines
+    assert any(line.startswith("[data] checking that every image file decodes: done, 12/12 files") for line in lines)
+    assert bundle.in_memory  # 12 tiny images: decoded once, not again every epoch
+    first, second = collect(bundle.train), collect(bundle.train)
+    assert as_sorted_pixels(*first) == as_sorted_pixels(*second) and len(first[1]) == bundle.num_train
+
+
+
+@pytest.mark.ray
+def test_training_dataset_repeats_a_small_in_memory_split(ray_session, monkeypatch):
+    monkeypatch.setattr(datasets, "ROWS_PER_PASS", 100)
+    bundle = build_datasets(DataConfig(source="builtin:shapes", image_size=SIZE, train_size=40, val_size=8))
+    images, labels = collect(datasets.training_dataset(bundle))
+    assert len(labels) == 120  # three copies: every image three times
+    once = as_sorted_pixels(*collect(bundle.train))
+    assert as_sorted_pixels(images, labels) == sorted(once * 3)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raydae.errors import UserError
+from raydae.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # matched case-insensitively
 NO_LABEL = "none"  # label_names of a folder whose images are not sorted into sub-folders
@@ -71,6 +72,28 @@ def list_images(root: str) -> ImageListing:
         )
     label_names = sorted({p.split("/", 1)[0] for p in paths})
     return ImageListing(root, paths, [label_of(p, label_names) for p in paths], label_names)
+
+
+def source_fingerprint(source: str, every_s: float = 10.0) -> str:
+    """What is in a folder source now (paths, sizes, modification times), so changed data gets new caches.
+
+    "" for a built-in source. Stats every file, which on a network disk with many files takes a while: past
+    `every_s` seconds it says how many files it has seen (silent for a folder that takes less)."""
+    root = os.path.abspath(os.path.expanduser(source))
+    if source.startswith("builtin:") or not os.path.isdir(root):
+        return ""
+    progress = Progress("data", f"fingerprinting {root} (stat of every file)", unit="files", every_s=every_s,
+                        announce=False)
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            progress.advance()
+    if progress.elapsed() >= every_s:
+        progress.finish()
+    return digest.hexdigest()
 
 
 def label_of(rel_path: str, label_names: list[str] | dict[str, int]) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import shutil
 
@@ -22,8 +21,7 @@ from PIL import Image
 
 from raydae.data import images as imgs
 from raydae.errors import UserError
-
-log = logging.getLogger(__name__)
+from raydae.progress import Progress
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "raydae-parquet-v1"
@@ -47,12 +45,13 @@ def pack_folder(
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise UserError(f"pack: {dst} exists and is not empty; choose a new folder (nothing was written)")
     listing = imgs.list_images(src)
+    progress = Progress("pack", f"packing {src} into {dst}", total=len(listing.paths), unit="images")
 
     tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.packing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        manifest = _write_shards(listing, tmp, image_size, shard_size, on_bad_file)
+        manifest = _write_shards(listing, tmp, image_size, shard_size, on_bad_file, progress)
         _write_json(os.path.join(tmp, MANIFEST_NAME), manifest)
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above); rename needs the name free
@@ -60,12 +59,14 @@ def pack_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("packed %d images from %s into %d shards in %s", manifest["count"], src, len(manifest["shards"]), dst)
+    progress.finish(f"{manifest['count']} packed into {len(manifest['shards'])} shard(s)"
+                    + (f", {len(manifest['skipped'])} unreadable skipped" if manifest["skipped"] else ""))
     return manifest
 
 
 def _write_shards(
-    listing: imgs.ImageListing, out: str, image_size: int | None, shard_size: int, on_bad_file: str
+    listing: imgs.ImageListing, out: str, image_size: int | None, shard_size: int, on_bad_file: str,
+    progress: Progress,
 ) -> dict:
     shards: list[str] = []
     skipped: list[list[str]] = []
@@ -91,6 +92,7 @@ def _write_shards(
                     f"bad image file {path}: {reason}; remove or fix it, or pack with on_bad_file=skip"
                 ) from None
             skipped.append([rel_path, reason])
+            progress.advance()
             continue
         if writer is None:
             shards.append(f"shard-{len(shards):05d}.parquet")
@@ -106,8 +108,7 @@ def _write_shards(
             flush()
             writer.close()
             writer, in_shard = None, 0
-        if count % 5000 == 0:
-            log.info("packed %d of %d images", count, len(listing.paths))
+        progress.advance()
     if writer is not None:
         flush()
         writer.close()
@@ -170,5 +171,12 @@ def read_manifest(root: str) -> dict:
 
 
 def read_paths(shards: list[str]) -> list[str]:
-    """The `path` column of every shard (small: no image bytes are read)."""
-    return [p for shard in shards for p in pq.read_table(shard, columns=["path"]).column("path").to_pylist()]
+    """The `path` column of every shard (small: no image bytes are read); an unreadable shard is named."""
+    paths = []
+    for shard in shards:
+        try:
+            paths += pq.read_table(shard, columns=["path"]).column("path").to_pylist()
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"data shard {shard} cannot be read ({imgs.describe_error(err)}); pack the folder "
+                            "again") from None
+    return paths
