@@ -3,6 +3,10 @@
 Reads only what runs leave behind (config.yaml, metrics.json, samples.png, tensorboard/), so it needs
 no Ray and no GPU, and works on a sweep while some of its runs are still training.
 
+A folder on other storage (`s3://bucket/sweeps/x`, any URI pyarrow.fs reads) is read through the same
+storage layer as runs: the small files a report reads are copied to a temporary folder, the report is made
+there, and report.md, report/ and tensorboard/report/ are written back beside the runs.
+
 Output, beside the runs:
     report.md                       tables sorted by the chosen metric, figures embedded; over several
                                     runs, Spearman ρ of each latent measure (latent_quality, the
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from raydae.errors import UserError  # noqa: E402
 from raydae.metrics_json import dotted_get, flatten_numbers, is_metric_value, metric_value  # noqa: E402
 from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, asha_replay, spearman, spearman_bootstrap  # noqa: E402
+from raydae.storage import delete_files, download_tree, is_uri, upload_files  # noqa: E402
 
 # Folders a run writes inside itself; none holds another run, and checkpoint_* ones look like runs
 # (config.yaml, metrics.json). Stage folders are skipped only inside a run, so a run named `joint` is found.
@@ -493,11 +499,12 @@ def correlation_section(rows: list[dict], metric: str, mode: str) -> list[str]:
 
 
 def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, figures: dict,
-                   correlations: list[str] = ()) -> Path:
+                   correlations: list[str] = (), shown: str | None = None) -> Path:
+    """report.md in `root`; `shown` is how the folder is named in it (default: `root`)."""
     finished = [run for run in runs if run.metrics is not None]
     unfinished = [run for run in runs if run.metrics is None]
     lines = [f"# raydae report: {root.resolve().name}", "",
-             f"{len(runs)} run(s) under `{root}`, {len(finished)} finished.", ""]
+             f"{len(runs)} run(s) under `{shown or root}`, {len(finished)} finished.", ""]
     if metric:
         lines += [describe_metric(finished, metric, mode), ""]
     else:
@@ -584,14 +591,61 @@ def asha_agreement(runs: list[Run], metric: str, mode: str) -> list[str]:
 # ---------------------------------------------------------------- entry point
 
 def write_report(path: str, metric: str | None = None, mode: str | None = None, tensorboard: bool = True) -> dict:
-    """path: a run folder, or a folder holding run folders (any depth up to 3, e.g. a sweep's trial folders).
+    """path: a run folder, or a folder holding run folders (any depth up to 3, e.g. a sweep's trial folders),
+    on local disk or given by URI (s3://..., read and written through pyarrow.fs as runs are).
 
     Writes <path>/report.md and PNG figures in <path>/report/ (and, with tensorboard=True, the same figures
     under <path>/tensorboard/report/). Returns {"report": md path, "figures": {name: {"path", "panels",
     ["lines"]}}, "runs": number of runs found, "metric": metric ranked by (None without eval), "mode",
     "latent_correlations": [{"measure", "rho", "low", "high", "n"}] (empty for one run or no latent measures)}.
     """
-    root = Path(path)
+    if is_uri(path):
+        return _write_remote_report(path, metric, mode, tensorboard)
+    return _write_report(Path(path), metric, mode, tensorboard)
+
+
+def _report_input(rel: str) -> bool:
+    """The files of a folder of runs that a report reads (not checkpoints, latents or caches)."""
+    parts = rel.split("/")
+    if any(part.startswith((".", "checkpoint_")) or part in ("latents", "eval_cache") for part in parts[:-1]):
+        return False
+    if "tensorboard" in parts[:-1]:
+        return "report" not in parts[parts.index("tensorboard") + 1:-1]
+    return parts[-1] in ("config.yaml", "metrics.json", "samples.png") and len(parts) <= MAX_DEPTH + 1
+
+
+def _write_remote_report(uri: str, metric: str | None, mode: str | None, tensorboard: bool) -> dict:
+    """The report of a folder on other storage: made in a local copy of what it reads, written back beside it."""
+    uri = uri.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="raydae-report-") as tmp:
+        local = Path(tmp, uri.rsplit("/", 1)[-1] or "runs")
+        try:
+            download_tree(uri, str(local), _report_input)
+        except OSError as err:
+            raise UserError(f"{uri}: cannot read it ({type(err).__name__}: {' '.join(str(err).split())}); expected "
+                            "a run folder or a folder of runs") from None
+        try:
+            result = _write_report(local, metric, mode, tensorboard, shown=uri)
+        except UserError as err:
+            raise UserError(str(err).replace(str(local), uri)) from None
+        written = [p.relative_to(local).as_posix() for folder in ("report", "tensorboard/report")
+                   if (local / folder).is_dir() for p in sorted((local / folder).iterdir()) if p.is_file()]
+        upload_files(str(local), ["report.md", *written], uri)
+        # One event file per report, as locally: older ones would show stale figures beside the new ones.
+        fresh = {Path(rel).name for rel in written if rel.startswith("tensorboard/")}
+        delete_files(uri, "tensorboard/report", keep=lambda name: name in fresh)
+
+    def remote(local_path: str) -> str:
+        return uri + "/" + Path(local_path).relative_to(local).as_posix()
+
+    result["report"] = remote(result["report"])
+    for figure in result["figures"].values():
+        figure["path"] = remote(figure["path"])
+    return result
+
+
+def _write_report(root: Path, metric: str | None, mode: str | None, tensorboard: bool,
+                  shown: str | None = None) -> dict:
     runs = find_runs(root)
     finished = [run for run in runs if run.metrics is not None]
     metric, mode = choose_metric(finished, metric, mode)
@@ -635,6 +689,6 @@ def write_report(path: str, metric: str | None = None, mode: str | None = None, 
         section += asha_agreement(finished, metric, mode)
     if section:
         print("\n".join(section), flush=True)
-    report = write_markdown(root, ordered, metric, mode, figures, section)
+    report = write_markdown(root, ordered, metric, mode, figures, section, shown=shown)
     return {"report": str(report), "figures": figures, "runs": len(runs), "metric": metric, "mode": mode,
             "latent_correlations": correlations}

@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.fs as pafs
 
@@ -20,7 +21,7 @@ class RunFolder:
         self.storage = storage
         self.name = name
         self.uri = f"{storage.rstrip('/')}/{name}"
-        self.fs, self.path = pafs.FileSystem.from_uri(self.uri if not self.is_local else os.path.abspath(self.uri))
+        self.fs, self.path = filesystem(self.uri if not self.is_local else os.path.abspath(self.uri))
 
     def child(self, *parts: str) -> str:
         return "/".join([self.uri, *parts])
@@ -76,6 +77,55 @@ class RunFolder:
 
     def make(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a path or URI and the path inside it: every read and write here goes through it."""
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_uri(path: str) -> bool:
+    """A storage URI (`s3://...`, `gs://...`, `file://...`) rather than a plain local path."""
+    return "://" in str(path)
+
+
+def download_tree(uri: str, local: str, keep: Callable[[str], bool]) -> int:
+    """Copy the files under `uri` whose relative path passes `keep` into the local folder `local`."""
+    fs, base = filesystem(uri.rstrip("/"))
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such folder")
+    copied = 0
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = info.path[len(base):].lstrip("/")
+        if info.type != pafs.FileType.File or not keep(rel):
+            continue
+        target = Path(local, *rel.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as f:
+            target.write_bytes(f.read())
+        copied += 1
+    return copied
+
+
+def upload_files(local: str, rels: list[str], uri: str) -> None:
+    """Copy the files `rels` (relative to the local folder `local`) to the same places under `uri`."""
+    fs, base = filesystem(uri.rstrip("/"))
+    for rel in rels:
+        target = f"{base}/{rel}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as f:
+            f.write(Path(local, *rel.split("/")).read_bytes())
+
+
+def delete_files(uri: str, under: str, keep: Callable[[str], bool]) -> None:
+    """Delete the files in `uri`/`under` (not recursive) for which `keep(name)` is False."""
+    fs, base = filesystem(uri.rstrip("/"))
+    folder = f"{base}/{under}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(folder)):
+        if info.type == pafs.FileType.File and not keep(info.base_name):
+            fs.delete_file(info.path)
 
 
 def _jsonable(value):

@@ -257,3 +257,55 @@ def test_fifo_sweep_report_replays_asha_on_the_probes(tmp_path, capsys):
     writer.close()
     write_report(str(root), tensorboard=False)
     assert "ASHA replayed" not in (root / "report.md").read_text()
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """`fake://bucket/...` URIs served by pyarrow's SubTreeFileSystem over a local folder: a filesystem that only
+    the storage layer can reach (a local-path reading of the URI finds nothing)."""
+    import pyarrow.fs as pafs
+
+    from raydae import storage
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    real = storage.filesystem
+
+    def filesystem(uri):
+        if uri.startswith("fake://"):
+            return pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()), uri.removeprefix("fake://").strip("/")
+        return real(uri)
+
+    monkeypatch.setattr(storage, "filesystem", filesystem)
+    return bucket
+
+
+def test_report_on_a_storage_uri_reads_and_writes_through_the_storage_layer(sweep, tmp_path, fake_bucket):
+    import shutil
+
+    shutil.copytree(sweep, fake_bucket / "sweeps" / "sweep")
+    stale = fake_bucket / "sweeps" / "sweep" / "tensorboard" / "report"
+    stale.mkdir(parents=True)
+    (stale / "events.out.tfevents.old").write_text("stale")
+    result = write_report("fake://sweeps/sweep")
+    assert result["metric"] == "fd_shapesclf" and result["runs"] == 4
+    assert result["report"] == "fake://sweeps/sweep/report.md"
+    written = fake_bucket / "sweeps" / "sweep"
+    text = (written / "report.md").read_text()
+    assert "under `fake://sweeps/sweep`" in text and "raydae report: sweep" in text
+    rows = table_rows(text, "| run | mode |")
+    assert [row[0] for row in rows] == ["trials/dae_small", "joint", "trials/dae_big"]
+    for name, figure in result["figures"].items():
+        assert figure["path"] == f"fake://sweeps/sweep/report/{name}.png"
+        with Image.open(written / "report" / f"{name}.png") as image:
+            assert image.width > 0
+    events = [p.name for p in (written / "tensorboard" / "report").iterdir()]
+    assert len(events) == 1 and events[0] != "events.out.tfevents.old"  # the stale figure file is gone
+    with pytest.raises(UserError, match="^fake://sweeps/missing: cannot read it"):
+        write_report("fake://sweeps/missing")
+
+
+def test_report_on_a_file_uri(sweep):
+    result = write_report(f"file://{sweep}", tensorboard=False)
+    assert result["report"] == f"file://{sweep}/report.md" and (sweep / "report.md").is_file()
+    assert [row[0] for row in table_rows((sweep / "report.md").read_text(), "| run | mode |")][0] == "trials/dae_small"
