@@ -58,6 +58,22 @@ def load_checkpoint_state(uri: str) -> dict:
         return load_state(folder)
 
 
+def check_checkpoint(uri: str, what: str, hint: str) -> None:
+    """Refuse a checkpoint that is gone or does not load (e.g. truncated), in one line that names it.
+
+    `what` says whose checkpoint it is ("generator checkpoint"), `hint` what the user can do about it."""
+    try:
+        with checkpoint_folder(uri) as folder:
+            if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+                raise UserError(f"{what} {uri} is missing (no {STATE_FILE}); {hint}")
+            load_state(folder)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch, zip and filesystem errors alike mean "cannot be read"
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"{what} {uri} cannot be read ({type(err).__name__}: {reason[:200]}); {hint}") from None
+
+
 def read_checkpoint_file(uri: str, name: str) -> str | None:
     """A small file (config.yaml, metrics.json) of a checkpoint, or None when it has none."""
     with checkpoint_folder(uri) as folder:

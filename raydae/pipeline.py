@@ -23,9 +23,9 @@ from typing import Callable
 import yaml
 
 from raydae import launch
-from raydae.checkpoints import load_checkpoint_state, load_generator, read_checkpoint_file
+from raydae.checkpoints import check_checkpoint, load_checkpoint_state, load_generator, read_checkpoint_file
 from raydae.config import Config, apply_override, validate
-from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source
+from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source, training_dataset
 from raydae.errors import UserError
 from raydae.latents import encode_dataset, measure_latent_space, read_latents
 from raydae.probe import reference_from_features
@@ -125,13 +125,15 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
     launch.check_storage_is_shared(options.storage)
     started = time.time()
     bundle = build_datasets(config.data)  # bad data stops here, before the run folder is touched
+    check_batch_size("train.batch_size", config.train.batch_size, bundle.num_train,
+                     f"the training split of data.source={config.data.source}")
     run.make()
     run.write_text("config.yaml", config.to_yaml())
     if bundle.skipped_files:
         run.write_text(BAD_FILES_NAME, bad_files_text(bundle.skipped_files))
         print(f"skipped {len(bundle.skipped_files)} unreadable image file(s), listed in "
               f"{run.child(BAD_FILES_NAME)}", flush=True)
-    datasets = {"train": bundle.train, "val": bundle.val}
+    datasets = {"train": training_dataset(bundle), "val": bundle.val}  # a small set: several epochs a pass
     print(f"run {run.uri}: {config.train.mode} on {config.data.source} "
           f"({bundle.num_train} train / {bundle.num_val} val images)", flush=True)
 
@@ -223,6 +225,8 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         task_options = {"latent_shape": manifest["latent_shape"], "num_classes": len(manifest["label_names"])}
         if "latent_std" in manifest:
             task_options["latent_std"] = manifest["latent_std"]
+        check_batch_size("generator_train.batch_size", config.generator_train.batch_size,
+                         manifest["counts"]["train"], f"the training latents at {latents['uri']}")
         train = read_latents(latents["uri"], "train")
         if latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb:
             train = train.materialize()
@@ -250,6 +254,13 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         print(f"[samples] {run.child('samples.png')}", flush=True)
     result["latents"] = latents
     return result
+
+
+def check_batch_size(key: str, batch_size: int, num_train: int, split: str) -> None:
+    """Refuse, before a stage starts, a global batch its training split cannot fill even once."""
+    if batch_size > num_train:
+        raise UserError(f"config {key}={batch_size} is larger than {split} ({num_train} rows); "
+                        f"set {key} to at most {num_train} or use more data")
 
 
 def latent_set_gigabytes(manifest: dict) -> float:
@@ -368,6 +379,7 @@ def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> 
     missing = [s for s in config.stages() if not run.exists(f"{s}.done.json")]
     if missing:
         raise UserError(f"{run_dir}: {', '.join(missing)} not finished; finish the run with `raydae run` first")
+    _check_run_checkpoints(run, run_dir, config)  # before any work, so nothing in the folder is rewritten
     check_source(config.data)
     launch.connect(address, config)
     bundle = build_datasets(config.data)
@@ -375,3 +387,18 @@ def evaluate_folder(run_dir: str, overrides: list[str], address: str | None) -> 
     metrics["eval"] = evaluate_run(run, config, bundle)
     run.write_json("metrics.json", metrics)
     return metrics
+
+
+def _check_run_checkpoints(run: RunFolder, run_dir: str, config: Config) -> None:
+    """Every checkpoint `raydae eval` reads (each stage's, the generator's when it trained) is there and loads."""
+    markers = [f"{s}.done.json" for s in config.stages()]
+    if run.exists("generator.done.json"):
+        markers.append("generator.done.json")
+    hint = "restore it, or train the run again under a new --name (nothing was evaluated or written)"
+    for marker in markers:
+        step = marker.removesuffix(".done.json")
+        try:
+            uri = run.read_json(marker)["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{run_dir}: {marker} cannot be read ({type(err).__name__}); {hint}") from None
+        check_checkpoint(uri, f"{step} checkpoint", hint)
