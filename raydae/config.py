@@ -80,7 +80,7 @@ class AutoencoderConfig:
     # A quarter-width auxiliary decoder starved the encoder in the pilot; start near half width.
     aux_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(width=0.5))
     # Positive control: a fixed random +-1 pattern over the latent's channels and positions, applied after
-    # the bottleneck and undone before every decoder. Reconstructions stay exactly the same; only the
+    # the bottleneck and undone before every decoder. The autoencoder trains bit for bit as without it; only the
     # generator sees a latent without spatial smoothness, which is known to be harder to model.
     sign_scramble: bool = False
 

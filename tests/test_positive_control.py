@@ -27,14 +27,18 @@ def test_sign_scramble_is_its_own_inverse_and_fixed():
     assert 0.35 < flipped < 0.65
 
 
-def test_scrambled_autoencoder_reconstructs_exactly_like_the_plain_one():
+@pytest.mark.parametrize("sample", [False, True])
+def test_scrambled_autoencoder_reconstructs_exactly_like_the_plain_one(sample):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     outputs = {}
     for scramble in (False, True):
         encoder, bottleneck, decoder = _autoencoder(scramble)
+        torch.manual_seed(1)  # the same posterior draw: training goes bit for bit alike
         with torch.no_grad():
-            out = bottleneck(encoder(images), sample=False)
+            out = bottleneck(encoder(images), sample=sample)
             outputs[scramble] = (out.z, decoder(out.z), out.loss)
+            if scramble:
+                assert torch.equal(out.posterior[0], bottleneck.encode(encoder(images))[0])
     plain_z, plain_x, plain_kl = outputs[False]
     scrambled_z, scrambled_x, scrambled_kl = outputs[True]
     assert torch.equal(scrambled_x, plain_x)

@@ -36,19 +36,27 @@ class DiagonalGaussianBottleneck(nn.Module):
         self.kl_weight = kl_weight
         self.scramble = scramble  # ae.sign_scramble: the decoder undoes it, the generator sees it
 
-    def encode(self, h: Tensor) -> tuple[Tensor, Tensor]:
+    def _posterior(self, h: Tensor) -> tuple[Tensor, Tensor]:
         if h.shape[1] != 2 * self.latent_channels:
             raise ValueError(
                 f"KL bottleneck expects {2 * self.latent_channels} channels (mean and logvar), got {h.shape[1]}"
             )
         mean, logvar = h.float().chunk(2, dim=1)  # float32: exp/log are fragile under bf16
-        # The KL term and N(mean, var) are symmetric under sign flips, so scrambling the mean is enough.
-        return (sign_scramble(mean) if self.scramble else mean), logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def _scrambled(self, z: Tensor) -> Tensor:
+        return sign_scramble(z) if self.scramble else z
+
+    def encode(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and log-variance, as the generator sees them (N(mean, var) is symmetric in sign)."""
+        mean, logvar = self._posterior(h)
+        return self._scrambled(mean), logvar
 
     def forward(self, h: Tensor, sample: bool = True) -> BottleneckOutput:
-        mean, logvar = self.encode(h)
+        mean, logvar = self._posterior(h)
         std = torch.exp(0.5 * logvar)
-        z = mean + std * torch.randn_like(mean) if sample else mean
+        # Drawn before the scramble, so a scrambled run trains bit for bit like the plain one (the decoder undoes it).
+        z = self._scrambled(mean + std * torch.randn_like(mean) if sample else mean)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)  # per image
         kl_mean = kl.mean()
         stats = {
@@ -56,4 +64,5 @@ class DiagonalGaussianBottleneck(nn.Module):
             "latent_std": z.detach().std(),  # LDM rescales latents by 1/std before the prior
             "posterior_std": std.detach().mean(),
         }
-        return BottleneckOutput(z=z, loss=self.kl_weight * kl_mean, stats=stats, indices=None, posterior=(mean, logvar))
+        return BottleneckOutput(z=z, loss=self.kl_weight * kl_mean, stats=stats, indices=None,
+                                posterior=(self._scrambled(mean), logvar))
