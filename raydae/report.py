@@ -49,6 +49,7 @@ DEFAULT_METRICS = ("fid", "fd_shapesclf", "fd_randfeat")
 HIGHER_IS_BETTER_PREFIXES = ("precision", "recall")  # and `is`; distances and KLs are lower-is-better
 LATENT_QUALITY = "latent_quality"  # metrics.json section of cheap latent measures (eval/latent_quality.py)
 # The latent-data distance (docs/latent_distance.md): the held-out value and the paired L2.
+PROXY_RHO = 0.8  # a latent measure ranking runs at least this well is worth pruning on (issue: rho >= 0.8)
 PROBE_TAG = "generator/probe/fd"  # the sample probe's Fréchet distance at each generator checkpoint
 ASHA_REPLAY_FACTOR = 2  # the reduction factor the replay assumes (sweeps/quick.yaml's)
 LATENT_DISTANCE_MEASURES = ("eval.latent_distance.value", "eval.latent_distance.paired_l2_val")
@@ -588,6 +589,36 @@ def asha_agreement(runs: list[Run], metric: str, mode: str) -> list[str]:
                           rows)
 
 
+def proxy_pruning(runs: list[Run], metric: str, mode: str, correlations: list[dict]) -> list[str]:
+    """For each latent measure with |rho| >= PROXY_RHO: had the worse half of these runs (by that measure, taken
+    before any generator trained) been stopped there, which would survive and how much compute it would save
+    (their generator and evaluation seconds, against the whole sweep's). Empty when no measure qualifies."""
+    lines = []
+    for row in correlations:
+        if row["rho"] is None or abs(row["rho"]) < PROXY_RHO:
+            continue
+        measure = row["measure"]
+        scored = [run for run in runs if run.value(measure) is not None and run.value(metric) is not None]
+        # rho > 0: a smaller measure went with a better metric when lower is better; flip for the other cases.
+        by_measure = sorted(scored, key=lambda run: run.value(measure), reverse=(row["rho"] < 0) != (mode == "max"))
+        kept, pruned = by_measure[: (len(scored) + 1) // 2], by_measure[(len(scored) + 1) // 2:]
+        final = sorted(scored, key=lambda run: run.value(metric), reverse=(mode == "max"))
+        top_half = {run.name for run in final[: (len(final) + 1) // 2]}
+        saved = sum((run.value("generator.wall_seconds") or 0) + (run.value("eval.wall_seconds") or 0)
+                    for run in pruned)
+        total = sum(dotted_get(run.metrics, "wall_seconds") or 0 for run in scored)  # a bare name means eval.samples
+        if not lines:
+            lines = ["## Pruning on a latent measure, replayed", "",
+                     f"For each measure with |Spearman ρ| ≥ {PROXY_RHO} above: the runs in the worse half by that "
+                     "measure, stopped right after the autoencoder stages, before any generator trains.", ""]
+        lines.append(
+            f"- `{measure}` (ρ {_fmt(row['rho'])}): keeps {len(kept)} of {len(scored)}; "
+            f"{len([run for run in kept if run.name in top_half])} of the final top half by `{metric}` survive; the "
+            f"final best {'survives' if final[0] in kept else 'is stopped'}; saves {_fmt(saved)} s of generator and "
+            f"evaluation time, {_fmt(100 * saved / total) if total else '—'}% of the sweep's {_fmt(total)} s.")
+    return lines + ([""] if lines else [])
+
+
 # ---------------------------------------------------------------- entry point
 
 def write_report(path: str, metric: str | None = None, mode: str | None = None, tensorboard: bool = True) -> dict:
@@ -686,7 +717,7 @@ def _write_report(root: Path, metric: str | None, mode: str | None, tensorboard:
     correlations = latent_correlations(finished, metric) if metric and len(finished) > 1 else []
     section = correlation_section(correlations, metric, mode) if correlations else []
     if metric and len(finished) > 1:
-        section += asha_agreement(finished, metric, mode)
+        section += proxy_pruning(finished, metric, mode, correlations) + asha_agreement(finished, metric, mode)
     if section:
         print("\n".join(section), flush=True)
     report = write_markdown(root, ordered, metric, mode, figures, section, shown=shown)

@@ -191,7 +191,8 @@ def test_latent_measures_are_rank_correlated_with_the_sample_distance(tmp_path, 
         quality = {"hf_energy": hf[i], "channel_std_min": std_min[i], "kurtosis_mean": float("nan")}
         if i < 3:
             quality["kurtosis_max_abs"] = 1.0 + i
-        add_metrics(folder, latent_quality=quality,
+        add_metrics(folder, latent_quality=quality, wall_seconds=100.0,
+                    generator={"kind": "dit", "samples": "samples.png", "wall_seconds": 30.0},
                     **({"latent_distance": {"value": distance[i], "paired_l2_val": 7.0 - i, "seed": 0}}
                        if distance[i] is not None else {}))
     make_run(tmp_path / "no_latent_measures", seed=9, fd=25.0, stages=["stage1"])  # left out of every row
@@ -218,6 +219,13 @@ def test_latent_measures_are_rank_correlated_with_the_sample_distance(tmp_path, 
     assert table["`latent_quality.kurtosis_max_abs`"] == ["3", "fewer than 4 runs", "—"]
     assert table["`eval.latent_distance.paired_l2_val`"][:2] == ["4", "-1"]
     assert "## Latent measures vs `fd_shapesclf`" in capsys.readouterr().out  # printed as well
+    # |rho| = 1: stopping the worse half by the measure keeps the 3 best runs; the 2 stopped ones would have
+    # spent 30 s each on the generator (no evaluation seconds recorded here), of 5 x 100 s.
+    for measure in ("hf_energy", "channel_std_min"):
+        line = next(line for line in text.splitlines() if line.startswith(f"- `latent_quality.{measure}`"))
+        assert "keeps 3 of 5; 3 of the final top half" in line and "final best survives" in line
+        assert "saves 60 s" in line and "12% of the sweep's 500 s" in line
+    assert "- `latent_quality.kurtosis_max_abs`" not in text  # no rho, no replay
 
 
 def test_no_latent_table_without_latent_measures_or_for_one_run(sweep, tmp_path):
