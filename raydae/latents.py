@@ -27,6 +27,7 @@ import torch
 
 from raydae.checkpoints import load_checkpoint_state, load_task
 from raydae.config import Config
+from raydae.data.images import source_fingerprint
 from raydae.devices import pick_device
 from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
@@ -59,23 +60,7 @@ def data_fingerprint(data) -> str:
     settings = dict(data.__dict__)
     for ignored in ("on_bad_file", "shuffle_buffer"):  # neither changes which images come, nor their split
         settings.pop(ignored, None)
-    return json.dumps([settings, _source_fingerprint(data.source)], sort_keys=True, default=str)
-
-
-def _source_fingerprint(source: str) -> str:
-    """What is in a folder source now (paths, sizes, modification times), so changed data gets new latents."""
-    import os
-
-    root = os.path.abspath(os.path.expanduser(source))
-    if source.startswith("builtin:") or not os.path.isdir(root):
-        return ""
-    digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+    return json.dumps([settings, source_fingerprint(data.source)], sort_keys=True, default=str)
 
 
 class EncodeBatch:
