@@ -119,8 +119,8 @@ class AutoencoderTask:
             self.models["discriminator"] = self.discriminator
         self.frozen = self._frozen_names()
         self.settings = config.train  # batch size, warm-up, cadence of logs/images/checkpoints
-        self.trained_unit: nn.Module | None = None
-        self.disc_unit: nn.Module | None = None
+        self.trained_module: nn.Module | None = None
+        self.trained_discriminator: nn.Module | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
     # ---------------------------------------------------------------------------- set-up
@@ -153,26 +153,26 @@ class AutoencoderTask:
             self.lpips.to(device)
         # A trainable VQ codebook in stage 2 is refused when the config loads (config.validate).
         if self.stage == "stage2":
-            self.trained_unit = wrap(DecoderOnFrozenLatents(self.decoder))
+            self.trained_module = wrap(DecoderOnFrozenLatents(self.decoder))
         else:
-            self.trained_unit = wrap(Autoencoder(self.encoder, self.bottleneck, self.decoder))
-        self.trained_unit.train()
+            self.trained_module = wrap(Autoencoder(self.encoder, self.bottleneck, self.decoder))
+        self.trained_module.train()
         if self.discriminator is not None:
-            self.disc_unit = wrap(self.discriminator)
-            self.disc_unit.train()
+            self.trained_discriminator = wrap(self.discriminator)
+            self.trained_discriminator.train()
         train = self.config.train
         self.optimizers = {
             "autoencoder": torch.optim.Adam(
-                [p for p in self.trained_unit.parameters() if p.requires_grad],
+                [p for p in self.trained_module.parameters() if p.requires_grad],
                 lr=train.lr,
                 betas=tuple(train.betas),
                 weight_decay=train.weight_decay,
             )
         }
-        if self.disc_unit is not None:
+        if self.trained_discriminator is not None:
             disc = self.config.loss.discriminator
             self.optimizers["discriminator"] = torch.optim.Adam(
-                self.disc_unit.parameters(), lr=disc.lr or train.lr, betas=tuple(train.betas)
+                self.trained_discriminator.parameters(), lr=disc.lr or train.lr, betas=tuple(train.betas)
             )
 
     def parameter_counts(self) -> dict[str, int]:
@@ -187,8 +187,8 @@ class AutoencoderTask:
         """Training forward, through the (DDP-)wrapped unit: every rank must call it together."""
         if self.stage == "stage2":
             out = self.encode_frozen(images, sample)
-            return self.trained_unit(out.z), out
-        return self.trained_unit(images, sample=sample)
+            return self.trained_module(out.z), out
+        return self.trained_module(images, sample=sample)
 
     def reconstruct_unwrapped(self, images: torch.Tensor):
         """Evaluation forward on the plain modules. Rank 0 evaluates alone, and a DDP forward there
@@ -223,23 +223,23 @@ class AutoencoderTask:
             if trains:
                 loss = loss + equivariance.weight * eq_loss
             logs["loss/equivariance"] = eq_loss.detach()
-        use_gan = self.disc_unit is not None and step >= disc_cfg.start_step
+        use_gan = self.trained_discriminator is not None and step >= disc_cfg.start_step
         if use_gan:
-            g_loss = hinge_g_loss(self.disc_unit(recon))
+            g_loss = hinge_g_loss(self.trained_discriminator(recon))
             weight = torch.tensor(disc_cfg.weight, device=images.device)
             if disc_cfg.adaptive_weight:
                 weight = weight * adaptive_gan_weight(rec_loss, g_loss, self.decoder.last_layer)
             loss = loss + weight * g_loss
             logs["loss/generator_adv"] = g_loss.detach()
             logs["gan_weight"] = weight.detach()
-        optimizer_step(self.optimizers["autoencoder"], loss, self.trained_unit.parameters(), train.grad_clip)
+        optimizer_step(self.optimizers["autoencoder"], loss, self.trained_module.parameters(), train.grad_clip)
         logs["loss/total"] = loss.detach()
         for key, value in out.stats.items():
             logs[f"bottleneck/{key}"] = value.detach()
 
         if use_gan:
             # One discriminator forward on real and fake together: DDP expects one forward per backward.
-            logits = self.disc_unit(torch.cat([images, recon.detach()]))
+            logits = self.trained_discriminator(torch.cat([images, recon.detach()]))
             real, fake = logits.chunk(2)
             d_loss = hinge_d_loss(real, fake)
             optimizer_step(self.optimizers["discriminator"], d_loss)

@@ -48,7 +48,7 @@ class GeneratorTask:
         self.models: dict[str, nn.Module] = {"decoder": self.decoder, "bottleneck": self.bottleneck}
         self.frozen = {"decoder", "bottleneck"}
         self.generator_module: nn.Module  # set by subclasses, the module that is trained
-        self.trained_unit: nn.Module | None = None
+        self.trained_module: nn.Module | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
     def load_previous_stage(self, state: dict) -> None:
@@ -59,12 +59,12 @@ class GeneratorTask:
     def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         self.device = device
         place_modules(self.models, self.frozen, device)
-        self.trained_unit = wrap(self.generator_module)
-        self.trained_unit.train()
+        self.trained_module = wrap(self.generator_module)
+        self.trained_module.train()
         s = self.settings
         self.optimizers = {
             "generator": torch.optim.AdamW(
-                self.trained_unit.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
+                self.trained_module.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
             )
         }
 
@@ -73,7 +73,7 @@ class GeneratorTask:
 
     def optimise(self, loss: torch.Tensor, lr_scale: float) -> None:
         set_learning_rate(self.optimizers, lr_scale)
-        optimizer_step(self.optimizers["generator"], loss, self.trained_unit.parameters(), self.settings.grad_clip)
+        optimizer_step(self.optimizers["generator"], loss, self.trained_module.parameters(), self.settings.grad_clip)
 
     def class_labels(self, n: int, device) -> torch.Tensor | None:
         if not self.conditional:
@@ -129,7 +129,7 @@ class DiTTask(GeneratorTask):
     def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
         x0 = self._latents(batch)
         kwargs = {"y": batch["label"]} if self.conditional else {}
-        loss = self.diffusion.training_loss(self.trained_unit, x0, model_kwargs=kwargs)
+        loss = self.diffusion.training_loss(self.trained_module, x0, model_kwargs=kwargs)
         self.optimise(loss, lr_scale)
         ema_update(self.dit_ema, self.dit, warmed_up_decay(self.config.dit.ema_decay, step))
         value = float(loss.detach())
@@ -193,7 +193,7 @@ class PriorTask(GeneratorTask):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
 
     def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
-        loss = self._cross_entropy(self.trained_unit, batch)
+        loss = self._cross_entropy(self.trained_module, batch)
         self.optimise(loss, lr_scale)
         value = float(loss.detach())
         return {"loss/total": value, "loss/cross_entropy": value}
