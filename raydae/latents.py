@@ -20,6 +20,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,18 +120,22 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
     # encoding the same key at once cannot mix or delete each other's shards.
     attempt = uuid.uuid4().hex[:12]
     for split, dataset in (("train", bundle.train), ("val", bundle.val)):
-        encoded = dataset.map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
-            batch_size=256,
-            compute=ActorPoolStrategy(size=max(1, scaling.num_workers)),
-            # Ray Data restarts a dead actor by default, but these actors' constructor arguments live in the
-            # object store, where Ray cannot promise them for a restart (it logs an error for every encoding).
-            # An encoding that fails is redone whole by the next run: the manifest is written last.
-            max_restarts=0,
-            num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
-            num_cpus=1,
-        )
+        # max_restarts has no named parameter in Ray Data 2.60 and goes through ray_remote_args, which warns
+        # that it is deprecated (removed in 2.64; constraints.txt pins 2.60): the warning is Ray's, not the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            encoded = dataset.map_batches(
+                EncodeBatch,
+                fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
+                batch_size=256,
+                compute=ActorPoolStrategy(size=max(1, scaling.num_workers)),
+                # Ray Data restarts a dead actor by default, but these actors' constructor arguments live in the
+                # object store, where Ray cannot promise them for a restart (it logs an error for every encoding).
+                # An encoding that fails is redone whole by the next run: the manifest is written last.
+                max_restarts=0,
+                num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
+                num_cpus=1,
+            )
         counts[split] = bundle.num_train if split == "train" else bundle.num_val
         target = folder.child(attempt, split)
         heartbeat("latents", f"encoding the {split} split ({counts[split]} images)",

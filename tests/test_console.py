@@ -106,13 +106,12 @@ def test_run_summary_without_generator_or_eval():
     assert "n/a" in run_summary(metrics)
 
 
-def _slow_square(x, pause, *, use_gpu):
-    time.sleep(pause)
-    return x * x
-
-
 @pytest.mark.ray
 def test_evaluation_tasks_say_when_they_start_end_and_what_still_runs(ray_session, monkeypatch, capsys):
+    def _slow_square(x, pause, *, use_gpu):  # local, so Ray pickles it by value (workers cannot import tests/)
+        time.sleep(pause)
+        return x * x
+
     monkeypatch.setattr(scoring, "EVERY_S", 0.2)
     jobs = {"fast": (_slow_square, 2, 0.0), "slow": (_slow_square, 3, 1.5)}
     results = scoring.run_bounded(jobs, 2, {"num_cpus": 0.01}, {"slow": "drawing samples 0-9 of 10"}, use_gpu=False)
