@@ -4,6 +4,7 @@ Interrupting a sweep's driver and resuming it is tested on the study (tests/test
 """
 
 import csv
+import os
 import subprocess
 import time
 from types import SimpleNamespace
@@ -89,13 +90,25 @@ def _write(tmp_path: Path, spec: dict) -> str:
     return str(path)
 
 
+def _raylet_of(pid: str) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone meanwhile
+        return None
+    return next((item[len(b"RAY_RAYLET_PID="):].decode() for item in environ if item.startswith(b"RAY_RAYLET_PID=")),
+                None)
+
+
 def _train_processes(ignore: frozenset = frozenset(), timeout: float = 30.0) -> list[str]:
-    """Ray Train worker and controller processes alive, except `ignore` (Ray titles them `ray::<Actor>`)."""
+    """This test session's Ray Train worker and controller processes alive, except `ignore` (Ray titles them
+    `ray::<Actor>`). Processes of other Ray instances on the machine (a study running beside) do not count."""
     deadline = time.time() + timeout
     while True:
-        listing = subprocess.run(["ps", "-eo", "pid=,cmd="], capture_output=True, text=True).stdout.splitlines()
-        alive = [line.strip() for line in listing
-                 if line.split(None, 1)[-1].startswith(("ray::RayTrainWorker", "ray::TrainController"))]
+        listing = subprocess.run(["ps", "-eo", "pid=,ppid=,cmd="], capture_output=True, text=True).stdout.splitlines()
+        rows = [line.split(None, 2) for line in listing if len(line.split(None, 2)) == 3]
+        own_raylets = {pid for pid, ppid, cmd in rows if ppid == str(os.getpid()) and "raylet" in cmd.split()[0]}
+        alive = [f"{pid} {cmd}" for pid, _, cmd in rows
+                 if cmd.startswith(("ray::RayTrainWorker", "ray::TrainController")) and _raylet_of(pid) in own_raylets]
         alive = [line for line in alive if line.split()[0] not in ignore]
         if not alive or time.time() > deadline:
             return alive
