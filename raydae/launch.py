@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import time
 
 import ray
+import ray._private.worker as ray_worker
 import ray.train
 from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -24,6 +26,16 @@ from raydae.storage import RunFolder
 # resume) say what raydae's own lines already say ("[stage1] resuming from step N"); its warnings still show.
 TRAIN_LOG_LEVEL = "WARNING"
 
+# Lines Ray's own actors print that are harmless and that a user cannot act on, dropped from the console
+# (the log files under the Ray session folder keep them):
+# - Ray Train's placement-group cleaner (a detached actor per fit) polls the State API; on a busy 2-core
+#   machine that poll times out and prints a 30-line GCS traceback, while the group is released anyway.
+# - Ray Data warns "Progress bars disabled" once per process because raydae disables them on purpose.
+# - Ray Train's INFO line for a checkpoint report still reaches the console from the worker once Ray Data
+#   has configured its logging there, despite the WARNING level asked of Train.
+HARMLESS_ACTORS = ("PlacementGroupCleaner",)
+HARMLESS_LINE_STARTS = ("Progress bars disabled.", "Reporting training result ")
+
 
 def connect(address: str | None = None, config: Config | None = None) -> bool:
     """Connect to the cluster at `address`/RAY_ADDRESS, or start an embedded local Ray.
@@ -37,6 +49,7 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _drop_harmless_worker_lines()
         return False
     # The Train workers hold their CPUs for the whole fit; Ray Data's map tasks need at least one more,
     # or the input pipeline waits forever. On a small machine, advertise that one extra logical CPU.
@@ -47,8 +60,54 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
     # logs "State API may be temporarily unavailable" every few seconds.
     # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
+    # Token authentication, as Ray chooses for a new local cluster, set explicitly: Ray then skips its warning.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    _drop_harmless_worker_lines()
     return True
+
+
+def without_harmless_lines(batch: dict) -> dict | None:
+    """A batch of worker output lines (as Ray's log monitor sends it to the driver) without Ray's own harmless
+    lines; None when nothing is left to print."""
+    if batch.get("actor_name") in HARMLESS_ACTORS:
+        return None
+    lines = batch.get("lines", [])
+    kept = [line for line in lines if not line.lstrip().startswith(HARMLESS_LINE_STARTS)]
+    if len(kept) == len(lines):
+        return batch
+    return {**batch, "lines": kept} if any(line.strip() for line in kept) else None
+
+
+def _drop_harmless_worker_lines() -> None:
+    """Put a filter in front of the handler that prints workers' lines on the driver (Ray's private hook:
+    where it has moved, every line is printed as before)."""
+    # A logger filter sees only records logged on that very logger, so name the one that warns.
+    logging.getLogger("ray.data._internal.progress").addFilter(_not_harmless_record)
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    handlers = getattr(dispatcher, "handlers", None)
+    if not isinstance(handlers, list):
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, _filtered(handler) if name == "ray_print_logs" else handler)
+                               for name, handler in handlers]
+
+
+def _not_harmless_record(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(HARMLESS_LINE_STARTS)
+
+
+def _filtered(handler):
+    if getattr(handler, "drops_harmless_lines", False):
+        return handler
+
+    def print_unless_harmless(batch):
+        batch = without_harmless_lines(batch)
+        if batch is not None:
+            handler(batch)
+
+    print_unless_harmless.drops_harmless_lines = True
+    return print_unless_harmless
 
 
 def check_storage_is_shared(storage: str) -> None:

@@ -225,10 +225,24 @@ def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
     return text
 
 
-def read_scalars(run: Run) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """{stage: {key: (steps, values)}} from tensorboard/<stage>/ event files; tags are `<stage>/<key>`."""
+def scalar_events(board: Path) -> dict[str, list]:
+    """{tag: [ScalarEvent, ...] by step} from the TensorBoard event files in one folder; where a resume wrote a
+    step again, the later event counts."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not board.is_dir():
+        return {}
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    out = {}
+    for tag in events.Tags().get("scalars", []):
+        by_step = {event.step: event for event in events.Scalars(tag)}
+        out[tag] = [by_step[step] for step in sorted(by_step)]
+    return out
+
+
+def read_scalars(run: Run) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """{stage: {key: (steps, values)}} from tensorboard/<stage>/ event files; tags are `<stage>/<key>`."""
     out: dict = {}
     board = run.folder / "tensorboard"
     if not board.is_dir():
@@ -236,13 +250,9 @@ def read_scalars(run: Run) -> dict[str, dict[str, tuple[list[int], list[float]]]
     for stage_dir in sorted(board.iterdir()):
         if not stage_dir.is_dir() or stage_dir.name == "report":
             continue
-        events = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})  # 0: keep every point
-        events.Reload()
-        for tag in events.Tags().get("scalars", []):
+        for tag, events in scalar_events(stage_dir).items():
             stage, _, key = tag.partition("/")
-            by_step = {event.step: event.value for event in events.Scalars(tag)}  # a resume rewrites steps
-            steps = sorted(by_step)
-            out.setdefault(stage, {})[key] = (steps, [by_step[step] for step in steps])
+            out.setdefault(stage, {})[key] = ([event.step for event in events], [event.value for event in events])
     return out
 
 
@@ -545,17 +555,8 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
 
 def probe_events(run: Run) -> list[tuple[float, int, float]]:
     """(wall time, generator step, probe distance) of each sample probe the run logged, by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    board = run.folder / "tensorboard" / "generator"
-    if not board.is_dir():
-        return []
-    events = EventAccumulator(str(board), size_guidance={"scalars": 0})
-    events.Reload()
-    if PROBE_TAG not in events.Tags().get("scalars", []):
-        return []
-    by_step = {event.step: (event.wall_time, event.step, event.value) for event in events.Scalars(PROBE_TAG)}
-    return [by_step[step] for step in sorted(by_step)]
+    events = scalar_events(run.folder / "tensorboard" / "generator").get(PROBE_TAG, [])
+    return [(event.wall_time, event.step, event.value) for event in events]
 
 
 def asha_agreement(runs: list[Run], metric: str, mode: str) -> list[str]:

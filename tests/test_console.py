@@ -11,6 +11,7 @@ import time
 import pytest
 
 from raydae import scoring
+from raydae.launch import _filtered
 from raydae.progress import Progress, format_seconds, heartbeat
 from raydae.summary import run_summary
 
@@ -106,6 +107,23 @@ def test_run_summary_without_generator_or_eval():
     assert "n/a" in run_summary(metrics)
 
 
+def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed():
+    cleaner = {"actor_name": "PlacementGroupCleaner", "is_err": True,
+               "lines": ["Traceback (most recent call last):", "ray.exceptions.RpcError: Timed out"]}
+    progress_bars = {"actor_name": "SplitCoordinator", "is_err": True,
+                     "lines": ["Progress bars disabled. To enable, set ..."]}
+    step = {"actor_name": "RayTrainWorker", "is_err": False, "lines": ["[stage1] step 100/500  loss 0.36"]}
+    mixed = {"actor_name": "RayTrainWorker", "is_err": True,
+             "lines": ["Progress bars disabled. To enable, set ...", "ValueError: a real error",
+                       "Reporting training result 1: TrainingReport(...)"]}
+    printed = []
+    print_worker_lines = _filtered(printed.append)
+    for batch in (cleaner, progress_bars, step, mixed):
+        print_worker_lines(batch)
+    assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]}]
+    assert _filtered(print_worker_lines) is print_worker_lines  # wrapped once, however often Ray is connected
+
+
 @pytest.mark.ray
 def test_evaluation_tasks_say_when_they_start_end_and_what_still_runs(ray_session, monkeypatch, capsys):
     def _slow_square(x, pause, *, use_gpu):  # local, so Ray pickles it by value (workers cannot import tests/)
@@ -152,3 +170,7 @@ def test_progress_reaches_a_piped_console_while_the_run_goes_on(tmp_path):
     # Stage 2 alone (a TorchTrainer's start, steps, evaluation) takes well over 5 s after stage 1's last step.
     assert stage1[0] < ended - 5, f"first [stage1] step line at {stage1[0]:.1f}s, run ended at {ended:.1f}s\n{text}"
     assert "run summary" in text
+    # Ray's own harmless noise stays off the console: the cleaner's GCS traceback, the progress-bar and token notices.
+    noise = [line for _, line in lines if "Traceback" in line or "Progress bars disabled" in line
+             or "Token authentication is enabled" in line]
+    assert noise == [], text
