@@ -95,11 +95,11 @@ def main() -> None:
     }
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(device_type=device.type, enabled=False))
-    settings = task.settings
+    train_config = task.train_config
 
     def step(i: int) -> None:
         with autocast:
-            task.train_step(batch, i, lr_scale=warmup_scale(i, settings.warmup_steps))
+            task.train_step(batch, i, lr_scale=warmup_scale(i, train_config.warmup_steps))
 
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import benchlib  # noqa: F401  (puts the repo root on sys.path)
 import yaml
 
-from raydae.data.images import to_chw
-from raydae.data.shapes import render_shapes
+from raydae.data.datasets import render_shapes_batch
 from raydae.latents import measure_latent_space
 
 
@@ -28,8 +27,7 @@ def held_out_images(config: dict, count: int) -> dict:
     data = config["data"]
     if data["source"] != "builtin:shapes":
         sys.exit(f"{data['source']}: only builtin:shapes runs can be re-measured here (their images re-render)")
-    images, labels = render_shapes(data["seed"], "val", range(count), data["image_size"], data["max_shapes"])
-    return {"image": to_chw(images), "label": labels}
+    return render_shapes_batch({"id": range(count)}, data["seed"], "val", data["image_size"], data["max_shapes"])
 
 
 def main() -> None:

@@ -184,8 +184,8 @@ def plain_arm(config, stage: str, steps: int, warm: int, images: torch.Tensor, l
     device = torch.device(device_name)
     task = make_task(config, stage)
     task.prepare(device)
-    settings = task.settings
-    batch_size = settings.batch_size
+    train_config = task.train_config
+    batch_size = train_config.batch_size
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.train.precision == "bf16"
                 else torch.autocast(device_type=device.type, enabled=False))
     per_epoch = len(images) // batch_size
@@ -204,7 +204,7 @@ def plain_arm(config, stage: str, steps: int, warm: int, images: torch.Tensor, l
         idx = order[k * batch_size:(k + 1) * batch_size]
         batch = {"image": images[idx].to(device, non_blocking=True), "label": labels[idx].to(device, non_blocking=True)}
         with autocast:
-            task.train_step(batch, step, lr_scale=warmup_scale(step, settings.warmup_steps))
+            task.train_step(batch, step, lr_scale=warmup_scale(step, train_config.warmup_steps))
     _sync(device)
     ended = time.perf_counter()
     return {

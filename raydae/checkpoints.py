@@ -1,7 +1,7 @@
 """Checkpoints: the training-state format written by the worker loop, and reading it back on any machine.
 
 A checkpoint folder holds `state.pt` (`config`, `stage`, `step`, model and optimiser state, attempt
-`history`, the task's options), `config.yaml` and `metrics.json`. Reading one needs no Ray Train worker:
+`history`, the generator's latent facts), `config.yaml` and `metrics.json`. Reading one needs no Ray Train worker:
 the driver (pipeline, latents, evaluation) and `raydae sample` load trained tasks from it. Ray is imported
 only to fetch a checkpoint given by URI (local, NFS or s3://), not when this module is imported.
 """
@@ -33,7 +33,7 @@ def save_training_state(folder: str, task, config: Config, stage: str, step: int
         "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
         "history": history,
         # What a task needs beyond the config to rebuild itself (e.g. DiT's latent scale).
-        "task_options": getattr(task, "options", {}),
+        "latent_facts": getattr(task, "latent_facts", {}),
     }
     torch.save(state, os.path.join(folder, STATE_FILE))
     Path(folder, "config.yaml").write_text(config.to_yaml())
@@ -87,7 +87,8 @@ def load_task(checkpoint_uri: str, stages: tuple[str, ...], device: str | None =
     if state.get("stage") not in stages:
         raise UserError(f"{checkpoint_uri} is a {state.get('stage')} checkpoint, not a {' or '.join(stages)} one")
     config = Config.from_dict(state["config"])
-    task = make_task(config, state["stage"], state.get("task_options"))
+    # Checkpoints written before the rename call the latent facts "task_options".
+    task = make_task(config, state["stage"], state.get("latent_facts", state.get("task_options")))
     for name, module in task.models.items():
         module.load_state_dict(state["models"][name])
     target = torch.device(device) if device else pick_device()

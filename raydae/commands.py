@@ -80,7 +80,7 @@ def pack(args: argparse.Namespace) -> int:
     """`raydae data pack`."""
     manifest = pack_folder(args.src, args.dst, image_size=args.size, shard_size=args.shard_size,
                            on_bad_file=args.on_bad_file)
-    print(f"packed {manifest['count']} images into {len(manifest['shards'])} shard(s) in {args.dst}"
-          + (f"; skipped {len(manifest['skipped'])} bad file(s), listed in the manifest"
-             if manifest.get("skipped") else ""))
+    # The progress line above gave the counts; say where the set is and how to use it.
+    print(f"packed data set in {args.dst}: train on it with --set data.source={args.dst}"
+          + ("; the skipped files are listed in its manifest" if manifest.get("skipped") else ""))
     return 0

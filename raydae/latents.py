@@ -81,7 +81,8 @@ class EncodeBatch:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        images = model_input(torch.as_tensor(np.asarray(batch["image"]), device=self.device))
+        # A copy: Ray Data hands read-only arrays, which torch warns about on every batch.
+        images = model_input(torch.tensor(np.asarray(batch["image"]), device=self.device))
         encoded = encode_images(self.encoder, self.bottleneck, images)
         out = {"label": np.asarray(batch["label"], dtype=np.int64)}
         if self.bottleneck_kind == "vq":

@@ -178,7 +178,7 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
-              task_options: dict | None = None, callbacks: list | None = None, probe: dict | None = None) -> dict:
+              latent_facts: dict | None = None, callbacks: list | None = None, probe: dict | None = None) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
 
     `probe` (generator stage): the real-image reference rank 0 scores its fixed-noise samples against.
@@ -203,7 +203,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             "init_from": init_from,
             "tensorboard_dir": tensorboard_dir,
             "tensorboard_upload": tensorboard_upload,
-            "task_options": task_options or {},
+            "latent_facts": latent_facts or {},
             "probe": probe,
         },
         scaling_config=ScalingConfig(

@@ -90,7 +90,7 @@ def train_worker(loop_config: dict) -> None:
     torch.manual_seed(derive_seed(train.seed, rank, stride=1000))
     device = ray.train.torch.get_device()
 
-    task = make_task(config, stage, loop_config.get("task_options"))
+    task = make_task(config, stage, loop_config.get("latent_facts"))
     state, resumed = _restore(task, loop_config, device)
     step = state["step"] if state else 0
     # Reseed by step, so a resumed attempt does not replay the random stream (noise, dropout) from step 0.
@@ -111,8 +111,8 @@ def train_worker(loop_config: dict) -> None:
         if step:
             print(f"[{stage}] resuming from step {step}/{steps}", flush=True)
 
-    settings = task.settings  # batch size, warm-up, logging and checkpoint cadence of this stage
-    per_worker_batch = settings.batch_size // world
+    train_config = task.train_config  # batch size, warm-up, logging and checkpoint cadence of this stage
+    per_worker_batch = train_config.batch_size // world
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if train.precision == "bf16"
@@ -153,20 +153,20 @@ def train_worker(loop_config: dict) -> None:
                 # Fault injection for tests: fail once, on a fresh start only, so the retry can resume.
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
             with autocast:
-                lr_scale = warmup_scale(step, settings.warmup_steps, steps, settings.lr_schedule)
+                lr_scale = warmup_scale(step, train_config.warmup_steps, steps, train_config.lr_schedule)
                 logs = task.train_step(batch, step, lr_scale=lr_scale)
             step += 1
             tock = time.perf_counter()
             for window in (attempt, progress, since_report):
                 window.add(logs, per_worker_batch * world, fetched - tick, tock - tick)
 
-            if step % settings.log_every == 0:
+            if step % train_config.log_every == 0:
                 if writer is not None:
                     _log_progress(writer, task, stage, step, steps, progress)
                 progress = StepWindow()
-            if writer is not None and step % settings.image_every == 0 and sample_batch is not None:
+            if writer is not None and step % train_config.image_every == 0 and sample_batch is not None:
                 writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
-            if step % settings.checkpoint_every == 0 and step < steps:
+            if step % train_config.checkpoint_every == 0 and step < steps:
                 _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
                 means = since_report.means()
                 if probe is not None:
@@ -199,7 +199,7 @@ def train_worker(loop_config: dict) -> None:
         for key, value in metrics.items():
             if isinstance(value, float) and key.startswith("val/"):
                 writer.add_scalar(f"{stage}/{key}", value, step)
-        if sample_batch is not None and step % settings.image_every:
+        if sample_batch is not None and step % train_config.image_every:
             writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
         _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
     _report(task, config, stage, step, history, metrics, rank, final=True)

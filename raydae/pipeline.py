@@ -29,6 +29,7 @@ from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_so
 from raydae.errors import UserError
 from raydae.latents import encode_dataset, measure_latent_space, read_latents
 from raydae.probe import reference_from_features
+from raydae.progress import heartbeat
 from raydae.sampling import save_grid
 from raydae.scoring import collect_images, evaluate_run, real_reference
 from raydae.storage import RunFolder
@@ -190,15 +191,15 @@ def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpo
         return None
     if run.exists(LATENT_QUALITY_FILE):
         return run.read_json(LATENT_QUALITY_FILE)
-    t0 = time.time()
     images = collect_images(bundle.val, config.eval.latent_quality_images)
     scaling = config.scaling
     task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
                       scheduling_strategy="DEFAULT")(measure_latent_space)
-    measures = ray.get(task.remote(autoencoder_checkpoint, images, config.eval.latent_quality_images,
-                                   use_gpu=scaling.use_gpu, probe_steps=config.eval.latent_probe_steps))
+    pending = task.remote(autoencoder_checkpoint, images, config.eval.latent_quality_images,
+                          use_gpu=scaling.use_gpu, probe_steps=config.eval.latent_probe_steps)
+    measures = heartbeat("latents", "measuring the latent space", lambda: ray.get(pending))
     run.write_json(LATENT_QUALITY_FILE, measures)
-    print(f"[latents] measured in {time.time() - t0:.0f}s: high-frequency share {measures['hf_energy']:.3f}, "
+    print(f"[latents] latent space: high-frequency share {measures['hf_energy']:.3f}, "
           f"decoder equivariance error {measures.get('equivariance_decoder_error', float('nan')):.4f}, probe "
           f"generator loss {measures.get('probe_generator_loss', float('nan')):.3f}", flush=True)
     return measures
@@ -222,9 +223,9 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         print("[generator] already finished; skipping", flush=True)
     else:
         manifest = latents["manifest"]
-        task_options = {"latent_shape": manifest["latent_shape"], "num_classes": len(manifest["label_names"])}
+        latent_facts = {"latent_shape": manifest["latent_shape"], "num_classes": len(manifest["label_names"])}
         if "latent_std" in manifest:
-            task_options["latent_std"] = manifest["latent_std"]
+            latent_facts["latent_std"] = manifest["latent_std"]
         check_batch_size("generator_train.batch_size", config.generator_train.batch_size,
                          manifest["counts"]["train"], f"the training latents at {latents['uri']}")
         train = read_latents(latents["uri"], "train")
@@ -241,7 +242,7 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
                   f"scored in {probe['space']} features (reference ready in {time.time() - t0:.0f}s)", flush=True)
         t0 = time.time()
         result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
-                                  task_options=task_options, callbacks=_stage_callbacks(options, "generator"),
+                                  latent_facts=latent_facts, callbacks=_stage_callbacks(options, "generator"),
                                   probe=probe)
         result["wall_seconds"] = time.time() - t0
         run.write_json("generator.done.json", result)

@@ -51,7 +51,7 @@ class SampleProbe:
             n = min(self.batch_size, self.num_samples - start)
             labels = None
             if task.conditional:  # the same balanced class mix at every checkpoint
-                labels = torch.arange(start, start + n, device=device) % task.options["num_classes"]
+                labels = torch.arange(start, start + n, device=device) % task.latent_facts["num_classes"]
             images = task.sample(n, seed=PROBE_SEED + start, steps=self.sample_steps, labels=labels)
             features.append(self.embedder(images)[self.space])
         fd = _frechet_or_diverged(np.concatenate(features), self.mu, self.sigma)

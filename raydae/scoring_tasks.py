@@ -129,7 +129,7 @@ def sample_and_embed(generator_uri: str, start: int, count: int, seed: int, spec
         index = start + offset
         labels = None
         if task.conditional:  # a balanced class mix over the whole evaluation set
-            labels = torch.arange(index, index + n, device=device) % task.options["num_classes"]
+            labels = torch.arange(index, index + n, device=device) % task.latent_facts["num_classes"]
             bank.add({"requested_class": labels.cpu().numpy()})
         images = task.sample(n, seed=derive_seed(seed, index), labels=labels)
         bank.add(embed(images))

@@ -173,14 +173,15 @@ def _shapes_split(cfg: DataConfig, split: str, count: int) -> "ray.data.Dataset"
     # ~1000 images (about 0.1 s of rendering) per task; rendered once and kept in the object store as
     # uint8, so an epoch streams blocks straight to the workers with no task in between.
     rendered = ray.data.range(count, override_num_blocks=max(1, math.ceil(count / 1000))).map_batches(
-        _render_batch,
+        render_shapes_batch,
         batch_size=None,
         fn_kwargs={"seed": cfg.seed, "split": split, "image_size": cfg.image_size, "max_shapes": cfg.max_shapes},
     )
     return rendered.materialize()
 
 
-def _render_batch(batch, seed: int, split: str, image_size: int, max_shapes: int) -> dict:
+def render_shapes_batch(batch, seed: int, split: str, image_size: int, max_shapes: int) -> dict:
+    """Rows of the built-in shapes dataset for the ids in `batch["id"]`, as its Ray Dataset holds them."""
     images, labels = render_shapes(seed, split, batch["id"], image_size, max_shapes)
     return {"image": imgs.to_chw(images), "label": labels}
 

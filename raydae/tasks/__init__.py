@@ -1,7 +1,7 @@
 """What each kind of training trains, freezes, optimises and logs. Plain PyTorch: no Ray here.
 
 The training skeleton in `loop.py` is the same for every stage; what a task gives it is the `Task` protocol
-(protocol.py): its modules and which are frozen, its settings, the dataset columns it reads, `prepare` (DDP-wrap
+(protocol.py): its modules and which are frozen, its train_config, the dataset columns it reads, `prepare` (DDP-wrap
 what it trains), `train_step`, `evaluate`, `image_grid` and `parameter_counts`.
 """
 
@@ -20,12 +20,12 @@ from raydae.tasks.generators import make_generator_task
 from raydae.tasks.protocol import Task
 
 
-def make_task(config: Config, stage: str, options: dict | None = None) -> Task:
+def make_task(config: Config, stage: str, latent_facts: dict | None = None) -> Task:
     """The task for `stage`; the loop only ever calls this."""
     if stage in AUTOENCODER_STAGES:
         return AutoencoderTask(config, stage)
     if stage == "generator":
-        return make_generator_task(config, options or {})
+        return make_generator_task(config, latent_facts or {})
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -118,7 +118,7 @@ class AutoencoderTask:
         if self.discriminator is not None:
             self.models["discriminator"] = self.discriminator
         self.frozen = self._frozen_names()
-        self.settings = config.train  # batch size, warm-up, cadence of logs/images/checkpoints
+        self.train_config = config.train  # batch size, warm-up, cadence of logs/images/checkpoints
         self.trained_module: nn.Module | None = None
         self.trained_discriminator: nn.Module | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}

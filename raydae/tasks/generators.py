@@ -2,9 +2,9 @@
 
 Both read latents that `latents.py` wrote once (never images), keep the autoencoder's final decoder
 frozen inside their checkpoint so samples can be decoded from the checkpoint alone, and share the
-skeleton's interface with the autoencoder stages (`models`, `frozen`, `settings`, `train_step`, ...).
+skeleton's interface with the autoencoder stages (`models`, `frozen`, `train_config`, `train_step`, ...).
 
-`options` carries what the config does not: `latent_shape` [C, h, w], `num_classes` (label names of
+`latent_facts` carries what the config does not: `latent_shape` [C, h, w], `num_classes` (label names of
 the dataset) and, for DiT, `latent_std`, the measured standard deviation of the latents. DiT trains
 on latents divided by it (Stable Diffusion's 0.18215 is the same idea as a fixed constant).
 """
@@ -34,14 +34,14 @@ class GeneratorTask:
     image_tag = "samples"
     progress_keys: tuple[str, ...] = ()
 
-    def __init__(self, config: Config, options: dict):
-        missing = {"latent_shape", "num_classes"} - set(options)
+    def __init__(self, config: Config, latent_facts: dict):
+        missing = {"latent_shape", "num_classes"} - set(latent_facts)
         if missing:
-            raise ValueError(f"generator task needs options {sorted(missing)}")
+            raise ValueError(f"generator task needs latent facts {sorted(missing)}")
         self.config = config
-        self.options = dict(options)
-        self.settings = config.generator_train
-        self.latent_shape = tuple(options["latent_shape"])
+        self.latent_facts = dict(latent_facts)
+        self.train_config = config.generator_train
+        self.latent_shape = tuple(latent_facts["latent_shape"])
         # The final decoder (and, for VQ, the codebook) turn generated latents into images.
         self.decoder = build_decoder(config.ae, config.ae.decoder)
         self.bottleneck = build_bottleneck(config.ae)
@@ -61,7 +61,7 @@ class GeneratorTask:
         place_modules(self.models, self.frozen, device)
         self.trained_module = wrap(self.generator_module)
         self.trained_module.train()
-        s = self.settings
+        s = self.train_config
         self.optimizers = {
             "generator": torch.optim.AdamW(
                 self.trained_module.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
@@ -73,17 +73,17 @@ class GeneratorTask:
 
     def optimise(self, loss: torch.Tensor, lr_scale: float) -> None:
         set_learning_rate(self.optimizers, lr_scale)
-        optimizer_step(self.optimizers["generator"], loss, self.trained_module.parameters(), self.settings.grad_clip)
+        optimizer_step(self.optimizers["generator"], loss, self.trained_module.parameters(), self.train_config.grad_clip)
 
     def class_labels(self, n: int, device) -> torch.Tensor | None:
         if not self.conditional:
             return None
-        return torch.arange(n, device=device) % self.options["num_classes"]
+        return torch.arange(n, device=device) % self.latent_facts["num_classes"]
 
     @torch.no_grad()
     def image_grid(self, batch: dict | None = None, max_images: int | None = None) -> torch.Tensor:
         """Samples decoded by the final decoder, for TensorBoard (a fixed seed, so grids are comparable)."""
-        n = max_images or self.settings.num_grid_samples
+        n = max_images or self.train_config.num_grid_samples
         images = self.sample(n, seed=0)
         return make_grid(images, nrow=min(n, 8))
 
@@ -96,10 +96,10 @@ class DiTTask(GeneratorTask):
     batch_dtypes = {"mean": torch.float32, "logvar": torch.float32, "label": torch.int64}
     progress_keys = ("loss/diffusion",)
 
-    def __init__(self, config: Config, options: dict):
-        super().__init__(config, options)
+    def __init__(self, config: Config, latent_facts: dict):
+        super().__init__(config, latent_facts)
         if "latent_std" not in options:
-            raise ValueError("DiT task needs options['latent_std'] (measured when the latents were written)")
+            raise ValueError("DiT task needs latent_facts['latent_std'] (measured when the latents were written)")
         dit_cfg = config.dit
         self.conditional = dit_cfg.class_conditional
         channels, height, width = self.latent_shape
@@ -107,7 +107,7 @@ class DiTTask(GeneratorTask):
             raise UserError(f"DiT needs square latents, got {height}x{width}")
         self.dit = build_dit(
             dit_cfg.model, input_size=height, in_channels=channels,
-            num_classes=options["num_classes"] if self.conditional else 0,
+            num_classes=latent_facts["num_classes"] if self.conditional else 0,
             class_dropout_prob=dit_cfg.class_dropout,
         )
         self.dit_ema = ema_copy(self.dit)
@@ -115,7 +115,7 @@ class DiTTask(GeneratorTask):
         self.models.update({"dit": self.dit, "dit_ema": self.dit_ema})
         self.frozen.add("dit_ema")  # written only by the EMA update
         self.diffusion = GaussianDiffusion(dit_cfg.num_timesteps, dit_cfg.schedule, dit_cfg.prediction)
-        self.latent_std = float(options["latent_std"])
+        self.latent_std = float(latent_facts["latent_std"])
 
     def _latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, logvar = batch["mean"], batch["logvar"]
@@ -175,14 +175,14 @@ class PriorTask(GeneratorTask):
     batch_dtypes = {"codes": torch.int64, "label": torch.int64}
     progress_keys = ("loss/cross_entropy",)
 
-    def __init__(self, config: Config, options: dict):
-        super().__init__(config, options)
+    def __init__(self, config: Config, latent_facts: dict):
+        super().__init__(config, latent_facts)
         prior_cfg = config.prior
         self.conditional = prior_cfg.class_conditional
         _, height, width = self.latent_shape
         self.prior = build_prior(
             prior_cfg.model, vocab_size=config.ae.vq.codebook_size, seq_len=height * width,
-            num_classes=options["num_classes"] if self.conditional else 0, dropout=prior_cfg.dropout,
+            num_classes=latent_facts["num_classes"] if self.conditional else 0, dropout=prior_cfg.dropout,
         )
         self.generator_module = self.prior
         self.models["prior"] = self.prior
@@ -227,9 +227,9 @@ class PriorTask(GeneratorTask):
         return self.decoder(z).clamp(-1, 1)
 
 
-def make_generator_task(config: Config, options: dict) -> GeneratorTask:
+def make_generator_task(config: Config, latent_facts: dict) -> GeneratorTask:
     if config.generator == "dit":
-        return DiTTask(config, options)
+        return DiTTask(config, latent_facts)
     if config.generator == "vq_prior":
-        return PriorTask(config, options)
+        return PriorTask(config, latent_facts)
     raise ValueError(f"config.generator={config.generator!r} trains no generator")

@@ -15,7 +15,7 @@ class Task(Protocol):
 
     models: dict[str, nn.Module]  # every module whose state goes into the checkpoint
     frozen: set[str]  # names in `models` it does not train
-    settings: TrainConfig | GeneratorTrainConfig  # batch size, warm-up, cadence of logs, image grids, checkpoints
+    train_config: TrainConfig | GeneratorTrainConfig  # batch size, warm-up, cadence of logs, image grids, checkpoints
     batch_dtypes: dict[str, torch.dtype]  # the dataset columns it reads
     progress_keys: tuple[str, ...]  # logged means the progress line shows
     image_tag: str  # TensorBoard tag of `image_grid`
