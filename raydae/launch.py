@@ -60,8 +60,6 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
     # logs "State API may be temporarily unavailable" every few seconds.
     # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
-    # Token authentication, as Ray chooses for a new local cluster, set explicitly: Ray then skips its warning.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
     _drop_harmless_worker_lines()
     return True
