@@ -9,9 +9,11 @@ import threading
 import time
 
 import pytest
+from ray._private.ray_logging import LogDeduplicator
 
 from raydae import scoring
 from raydae.launch import _filtered
+from raydae.ray_env import QUIET_RAY_ENV
 from raydae.progress import Progress, format_seconds, heartbeat
 from raydae.summary import run_summary
 
@@ -122,6 +124,20 @@ def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed(
         print_worker_lines(batch)
     assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]}]
     assert _filtered(print_worker_lines) is print_worker_lines  # wrapped once, however often Ray is connected
+
+
+def test_two_trials_progress_lines_are_not_folded_into_one_by_rays_deduplication():
+    def lines_printed(allow_re):
+        dedup = LogDeduplicator(5, allow_re, None, _timesource=lambda: 0.0)
+        printed = []
+        for pid, images_per_second in ((101, 1044), (202, 947)):  # two trials' workers, the same step
+            batch = {"ip": "node", "pid": pid, "lines": [f"[stage1] step 200/300  loss 0.35  {images_per_second} img/s"]}
+            for out in dedup.deduplicate(batch):
+                printed += out["lines"]
+        return printed
+
+    assert len(lines_printed(None)) == 1  # Ray's default: the second trial's line is folded away
+    assert len(lines_printed(QUIET_RAY_ENV["RAY_DEDUP_LOGS_ALLOW_REGEX"])) == 2
 
 
 @pytest.mark.ray
