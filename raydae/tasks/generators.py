@@ -98,7 +98,7 @@ class DiTTask(GeneratorTask):
 
     def __init__(self, config: Config, latent_facts: dict):
         super().__init__(config, latent_facts)
-        if "latent_std" not in options:
+        if "latent_std" not in latent_facts:
             raise ValueError("DiT task needs latent_facts['latent_std'] (measured when the latents were written)")
         dit_cfg = config.dit
         self.conditional = dit_cfg.class_conditional
