@@ -33,8 +33,11 @@ TRAIN_LOG_LEVEL = "WARNING"
 # - Ray Data warns "Progress bars disabled" once per process because raydae disables them on purpose.
 # - Ray Train's INFO line for a checkpoint report still reaches the console from the worker once Ray Data
 #   has configured its logging there, despite the WARNING level asked of Train.
+# - The Train controller logs "Failed to stop PlacementGroupCleaner gracefully." with a traceback when that
+#   cleaner is still inside its timed-out poll; the cleaner exits on its own once the controller is gone.
 HARMLESS_ACTORS = ("PlacementGroupCleaner",)
 HARMLESS_LINE_STARTS = ("Progress bars disabled.", "Reporting training result ")
+HARMLESS_TRACEBACK_STARTS = ("Failed to stop PlacementGroupCleaner gracefully.",)
 
 
 def connect(address: str | None = None, config: Config | None = None) -> bool:
@@ -65,16 +68,36 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     return True
 
 
-def without_harmless_lines(batch: dict) -> dict | None:
-    """A batch of worker output lines (as Ray's log monitor sends it to the driver) without Ray's own harmless
-    lines; None when nothing is left to print."""
-    if batch.get("actor_name") in HARMLESS_ACTORS:
-        return None
-    lines = batch.get("lines", [])
-    kept = [line for line in lines if not line.lstrip().startswith(HARMLESS_LINE_STARTS)]
-    if len(kept) == len(lines):
-        return batch
-    return {**batch, "lines": kept} if any(line.strip() for line in kept) else None
+class HarmlessLineFilter:
+    """Removes Ray's own harmless lines from batches of worker output (as Ray's log monitor sends them to the
+    driver); a harmless message's traceback may arrive in later batches, so it keeps state per process."""
+
+    def __init__(self):
+        self._in_traceback: dict = {}  # pid -> True while the lines of a harmless traceback go on
+
+    def __call__(self, batch: dict) -> dict | None:
+        """The batch without harmless lines; None when nothing is left to print."""
+        if batch.get("actor_name") in HARMLESS_ACTORS:
+            return None
+        pid = batch.get("pid")
+        lines = batch.get("lines", [])
+        kept = [line for line in lines if not self._harmless(pid, line)]
+        if len(kept) == len(lines):
+            return batch
+        return {**batch, "lines": kept} if any(line.strip() for line in kept) else None
+
+    def _harmless(self, pid, line: str) -> bool:
+        text = line.lstrip()
+        if text.startswith(HARMLESS_TRACEBACK_STARTS):
+            self._in_traceback[pid] = True
+            return True
+        if self._in_traceback.get(pid):
+            # A traceback: its header, indented frames and ^^^ markers, then the exception's own line.
+            if text.startswith("Traceback (most recent call last)") or line[:1].isspace():
+                return True
+            del self._in_traceback[pid]
+            return True
+        return text.startswith(HARMLESS_LINE_STARTS)
 
 
 def _drop_harmless_worker_lines() -> None:
@@ -99,8 +122,10 @@ def _filtered(handler):
     if getattr(handler, "drops_harmless_lines", False):
         return handler
 
+    harmless_lines = HarmlessLineFilter()
+
     def print_unless_harmless(batch):
-        batch = without_harmless_lines(batch)
+        batch = harmless_lines(batch)
         if batch is not None:
             handler(batch)
 

@@ -118,11 +118,19 @@ def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed(
     mixed = {"actor_name": "RayTrainWorker", "is_err": True,
              "lines": ["Progress bars disabled. To enable, set ...", "ValueError: a real error",
                        "Reporting training result 1: TrainingReport(...)"]}
+    # The controller's notice that the cleaner did not stop in time, its traceback split over two batches.
+    controller = {"actor_name": "TrainController", "pid": 7, "is_err": True,
+                  "lines": ["Failed to stop PlacementGroupCleaner gracefully.", "Traceback (most recent call last):",
+                            '  File "placement_group_callback.py", line 126, in _stop_cleaner']}
+    controller_rest = {"actor_name": "TrainController", "pid": 7, "is_err": True,
+                       "lines": ["           ^^^^^^^^^^^", "ray.exceptions.GetTimeoutError: Get timed out",
+                                 "ValueError: the next real error"]}
     printed = []
     print_worker_lines = _filtered(printed.append)
-    for batch in (cleaner, progress_bars, step, mixed):
+    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest):
         print_worker_lines(batch)
-    assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]}]
+    assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]},
+                       {**controller_rest, "lines": ["ValueError: the next real error"]}]
     assert _filtered(print_worker_lines) is print_worker_lines  # wrapped once, however often Ray is connected
 
 
