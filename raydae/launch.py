@@ -10,6 +10,7 @@ import re
 import time
 
 import ray
+import ray._private.utils as ray_utils
 import ray._private.worker as ray_worker
 import ray.train
 from ray.data import DataContext, ExecutionOptions
@@ -64,8 +65,21 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     # logs "State API may be temporarily unavailable" every few seconds.
     # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    advertise_local_cluster()
     _drop_harmless_worker_lines()
     return True
+
+
+def advertise_local_cluster() -> None:
+    """Record this embedded cluster as the machine's current Ray cluster, as `ray start` does.
+
+    `ray.init(address="local")` does not, and Ray Train's placement-group cleaner (like any State API call in a
+    worker) looks the cluster up there: a file left by an earlier, dead Ray sent it polling a dead GCS for 40 s,
+    and every fit's shutdown waited 12 s for it and printed a traceback.
+    """
+    node = getattr(ray_worker, "_global_node", None)
+    ray_utils.write_ray_address(ray.get_runtime_context().gcs_address,
+                                node.get_temp_dir_path() if node is not None else None)
 
 
 class HarmlessLineFilter:

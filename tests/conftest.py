@@ -47,7 +47,10 @@ def _ray_only_where_marked(request):
 def ray_session():
     import ray
 
+    from raydae.launch import advertise_local_cluster
+
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        advertise_local_cluster()  # Train's placement-group cleaner then polls this cluster, not a dead one
     yield ray
     ray.shutdown()
