@@ -166,17 +166,19 @@ def test_evaluation_tasks_say_when_they_start_end_and_what_still_runs(ray_sessio
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(900)  # a fresh process starts its own Ray and two TorchTrainers
-def test_progress_reaches_a_piped_console_while_the_run_goes_on(tmp_path):
+@pytest.mark.timeout(600)  # a fresh driver process (on the session's Ray) and two TorchTrainers
+def test_progress_reaches_a_piped_console_while_the_run_goes_on(ray_session, tmp_path):
     """`raydae run | tee log`: a stage-1 step line arrives while the run is still going, not in a burst at the end."""
+    address = ray_session.get_runtime_context().gcs_address  # Ray forwards a job's worker lines to its own driver
     command = [sys.executable, "-m", "raydae.cli", "run", "--preset", "tiny", "--storage", str(tmp_path / "runs"),
+               "--address", address,
                "--set", "train.stage1_steps=4", "--set", "train.stage2_steps=4", "--set", "train.log_every=2",
                "--set", "generator=none", "--set", "eval.enabled=false"]
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("PYTHONUNBUFFERED", None)  # the fix must not depend on it
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                start_new_session=True)
-    timer = threading.Timer(840, process.kill)
+    timer = threading.Timer(540, process.kill)
     timer.start()
     lines = []  # (seconds since start, line) as the pipe delivers them
     started = time.monotonic()
