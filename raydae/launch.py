@@ -7,10 +7,11 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 
 import ray
-import ray._private.utils as ray_utils
+import ray._private.services as ray_services
 import ray._private.worker as ray_worker
 import ray.train
 from ray.data import DataContext, ExecutionOptions
@@ -26,6 +27,7 @@ from raydae.storage import RunFolder
 # Ray Train's own INFO lines (worker group started, the three-paragraph "run snapshot was found" notice on every
 # resume) say what raydae's own lines already say ("[stage1] resuming from step N"); its warnings still show.
 TRAIN_LOG_LEVEL = "WARNING"
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
 
 # Lines Ray's own actors print that are harmless and that a user cannot act on, dropped from the console
 # (the log files under the Ray session folder keep them):
@@ -64,22 +66,35 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
     # The dashboard is on: users watch runs there, and without it Ray Train's placement-group cleaner
     # logs "State API may be temporarily unavailable" every few seconds.
     # address="local": always a new embedded Ray, even where a crashed one left /tmp/ray/ray_current_cluster.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
-    advertise_local_cluster()
+    start_local_ray(num_cpus, include_dashboard=True)
     _drop_harmless_worker_lines()
     return True
 
 
-def advertise_local_cluster() -> None:
-    """Record this embedded cluster as the machine's current Ray cluster, as `ray start` does.
+def start_local_ray(num_cpus: int, include_dashboard: bool) -> None:
+    """Start an embedded local Ray whose workers know its address.
 
-    `ray.init(address="local")` does not, and Ray Train's placement-group cleaner (like any State API call in a
-    worker) looks the cluster up there: a file left by an earlier, dead Ray sent it polling a dead GCS for 40 s,
-    and every fit's shutdown waited 12 s for it and printed a traceback.
+    `ray.init(address="local")` leaves workers to find their cluster in /tmp/ray/ray_current_cluster, which
+    names whichever cluster `ray start` wrote last. Ray Train's placement-group cleaner (a State API call in a
+    worker) looks there: a dead cluster's address made it poll for 40 s, every fit's shutdown wait 12 s for it
+    and print a traceback; a live other cluster's address would make it think the controller dead and remove
+    a running fit's placement group. So the GCS port is chosen here and given to the job's workers as
+    RAY_ADDRESS, without touching that file.
     """
-    node = getattr(ray_worker, "_global_node", None)
-    ray_utils.write_ray_address(ray.get_runtime_context().gcs_address,
-                                node.get_temp_dir_path() if node is not None else None)
+    with socket.socket() as probe:  # a free port now; Ray binds it a moment later
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray_services.get_node_ip_address()}:{port}"
+    previous = os.environ.get(GCS_PORT_VARIABLE)
+    os.environ[GCS_PORT_VARIABLE] = str(port)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_VARIABLE, None)
+        else:
+            os.environ[GCS_PORT_VARIABLE] = previous
 
 
 class HarmlessLineFilter:

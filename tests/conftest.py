@@ -47,10 +47,11 @@ def _ray_only_where_marked(request):
 def ray_session():
     import ray
 
-    from raydae.launch import advertise_local_cluster
+    from raydae.launch import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-        advertise_local_cluster()  # Train's placement-group cleaner then polls this cluster, not a dead one
+        # ray.init(address="local", num_cpus=4, include_dashboard=False), whose workers know its address
+        # (Train's placement-group cleaner then asks this cluster, not whichever one `ray start` wrote last).
+        start_local_ray(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
