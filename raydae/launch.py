@@ -14,6 +14,7 @@ import ray
 import ray._private.services as ray_services
 import ray._private.worker as ray_worker
 import ray.train
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -54,7 +55,7 @@ def connect(address: str | None = None, config: Config | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **_workers_know_their_cluster(address))
         _drop_harmless_worker_lines()
         return False
     # The Train workers hold their CPUs for the whole fit; Ray Data's map tasks need at least one more,
@@ -95,6 +96,18 @@ def start_local_ray(num_cpus: int, include_dashboard: bool) -> None:
             os.environ.pop(GCS_PORT_VARIABLE, None)
         else:
             os.environ[GCS_PORT_VARIABLE] = previous
+
+
+def _workers_know_their_cluster(address: str) -> dict:
+    """`ray.init` arguments that give this job's workers RAY_ADDRESS (why: start_local_ray). Not for Ray Client,
+    nor inside a Ray Job, whose runtime env is the job's and whose cluster `ray start` recorded."""
+    if address.startswith("ray://") or RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return {}
+    try:
+        resolved = ray_services.canonicalize_bootstrap_address_or_die(address)
+    except Exception:  # ray.init says what is wrong with the address, in Ray's words
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": resolved}}}
 
 
 class HarmlessLineFilter:
