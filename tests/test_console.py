@@ -125,9 +125,13 @@ def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed(
     controller_rest = {"actor_name": "TrainController", "pid": 7, "is_err": True,
                        "lines": ["           ^^^^^^^^^^^", "ray.exceptions.GetTimeoutError: Get timed out",
                                  "ValueError: the next real error"]}
+    unregistered = {"actor_name": "TrainController", "pid": 8, "is_err": True,
+                    "lines": ["Failed to register placement group with cleaner: The actor died unexpectedly.",
+                              "\tclass_name: PlacementGroupCleaner", "\tpid: 25902",
+                              "The actor is dead because its worker process has died."]}
     printed = []
     print_worker_lines = _filtered(printed.append)
-    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest):
+    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest, unregistered):
         print_worker_lines(batch)
     assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]},
                        {**controller_rest, "lines": ["ValueError: the next real error"]}]
