@@ -32,8 +32,9 @@ GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head n
 
 # Lines Ray's own actors print that are harmless and that a user cannot act on, dropped from the console
 # (the log files under the Ray session folder keep them):
-# - Ray Train's placement-group cleaner (a detached actor per fit) polls the State API; on a busy 2-core
-#   machine that poll times out and prints a 30-line GCS traceback, while the group is released anyway.
+# - Ray Train's placement-group cleaner (a detached actor per fit) polls the State API; where that fails (no
+#   dashboard; before start_local_ray, a dead cluster's address) it prints a 30-line traceback, while the
+#   group is released anyway.
 # - Ray Data warns "Progress bars disabled" once per process because raydae disables them on purpose.
 # - Ray Train's INFO line for a checkpoint report still reaches the console from the worker once Ray Data
 #   has configured its logging there, despite the WARNING level asked of Train.
