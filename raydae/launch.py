@@ -119,7 +119,7 @@ class HarmlessLineFilter:
     driver); a harmless message's traceback may arrive in later batches, so it keeps state per process."""
 
     def __init__(self):
-        self._in_traceback: dict = {}  # pid -> True while the lines of a harmless traceback go on
+        self._in_traceback: set = set()  # pids whose harmless traceback is still going on
 
     def __call__(self, batch: dict) -> dict | None:
         """The batch without harmless lines; None when nothing is left to print."""
@@ -135,13 +135,12 @@ class HarmlessLineFilter:
     def _harmless(self, pid, line: str) -> bool:
         text = line.lstrip()
         if text.startswith(HARMLESS_TRACEBACK_STARTS):
-            self._in_traceback[pid] = True
+            self._in_traceback.add(pid)
             return True
-        if self._in_traceback.get(pid):
-            # A traceback: its header, indented frames and ^^^ markers, then the exception's own line.
-            if text.startswith("Traceback (most recent call last)") or line[:1].isspace():
-                return True
-            del self._in_traceback[pid]
+        if pid in self._in_traceback:
+            # A traceback: its header, indented frames and ^^^ markers, then the exception's own line, the last.
+            if not (text.startswith("Traceback (most recent call last)") or line[:1].isspace()):
+                self._in_traceback.discard(pid)
             return True
         return text.startswith(HARMLESS_LINE_STARTS)
 
