@@ -94,7 +94,7 @@ def start_local_ray(num_cpus: int, include_dashboard: bool) -> None:
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+                 runtime_env=_runtime_env_naming(address))
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_VARIABLE, None)
@@ -111,7 +111,12 @@ def _workers_know_their_cluster(address: str) -> dict:
         resolved = ray_services.canonicalize_bootstrap_address_or_die(address)
     except Exception:  # ray.init says what is wrong with the address, in Ray's words
         return {}
-    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": resolved}}}
+    return {"runtime_env": _runtime_env_naming(resolved)}
+
+
+def _runtime_env_naming(address: str) -> dict:
+    """A job runtime env whose workers find their cluster at `address`, not in /tmp/ray/ray_current_cluster."""
+    return {"env_vars": {"RAY_ADDRESS": address}}
 
 
 class HarmlessLineFilter:

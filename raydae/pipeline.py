@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import ray
 import yaml
 
 from raydae import launch
@@ -185,8 +186,6 @@ def run_pipeline(config: Config, options: RunOptions) -> dict:
 
 def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str) -> dict | None:
     """The final latent space's cheap measures (latents.measure_latent_space), once per run, as a Ray task."""
-    import ray
-
     if config.eval.latent_quality_images <= 0:
         return None
     if run.exists(LATENT_QUALITY_FILE):
