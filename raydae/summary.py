@@ -36,6 +36,8 @@ def run_summary(metrics: dict) -> str:
         lines.append(f"  generator {generator.get('kind', '?')} {generator.get('model', '')}: held-out "
                      f"{name.replace('_', ' ')} {_number(generator.get(name), '.4f')}  ({generator.get('steps', '?')} "
                      f"steps, {_seconds(generator.get('wall_seconds'))})")
+        if "label_gain" in generator:
+            lines.append(_label_line(generator["label_gain"], generator.get(name)))
     evaluation = metrics.get("eval")
     if evaluation:
         headline = evaluation.get("headline", "")
@@ -54,3 +56,11 @@ def run_summary(metrics: dict) -> str:
         lines.append(f"  grid      {run}/samples.png  (more: raydae sample {run} --n 64 --out grid.png)")
     lines.append(f"  curves    tensorboard --logdir {run}")
     return "\n".join(lines)
+
+
+def _label_line(gain, loss) -> str:
+    """How much a class-conditional generator uses its labels (tasks.generators: GeneratorTask.wrong_labels)."""
+    text = f"  labels    wrong labels add {_number(gain, '.4f')} to that loss"
+    if isinstance(gain, (int, float)) and isinstance(loss, (int, float)) and gain < 0.01 * loss:
+        text += " (under 1 %: the generator ignores its class labels; asking for a class changes little)"
+    return text

@@ -97,6 +97,18 @@ def test_run_summary_is_short_and_names_what_matters():
     assert "tensorboard --logdir /runs/dae-kl4-s0" in text
 
 
+def test_run_summary_says_when_a_conditional_generator_ignores_its_labels():
+    metrics = _metrics()
+    metrics["generator"]["label_gain"] = 0.00003
+    ignored = next(line for line in run_summary(metrics).splitlines() if "wrong labels" in line)
+    assert "0.0000" in ignored and "ignores its class labels" in ignored
+    metrics["generator"]["label_gain"] = 0.05
+    used = next(line for line in run_summary(metrics).splitlines() if "wrong labels" in line)
+    assert "0.0500" in used and "ignores" not in used
+    del metrics["generator"]["label_gain"]  # an unconditional generator has no such line
+    assert "wrong labels" not in run_summary(metrics)
+
+
 def test_run_summary_without_generator_or_eval():
     metrics = _metrics()
     del metrics["generator"], metrics["eval"]

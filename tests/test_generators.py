@@ -61,6 +61,42 @@ def test_prior_task_learns_fixed_codes_and_samples_images():
     assert torch.equal(images, task.sample(2, seed=3))
 
 
+def test_label_gain_is_zero_for_an_untrained_dit_and_large_once_latents_depend_on_the_label():
+    config = load_config("tiny", overrides=["generator=dit", "dit.model=DiT-T/2", "generator_train.lr=0.002",
+                                            "generator_train.warmup_steps=0", "dit.class_conditional=true"])
+    task = make_task(config, "generator", {"latent_shape": [2, 8, 8], "num_classes": 5, "latent_std": 1.0})
+    task.load_previous_stage(_ae_state(config))
+    task.prepare(torch.device("cpu"))
+    patterns = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10) % 5
+    batch = {"mean": patterns[labels], "logvar": torch.full((10, 128), -8.0), "label": labels}
+    # adaLN-Zero: an untrained DiT predicts 0 whatever its label, so wrong labels cost exactly nothing
+    assert task.evaluate([batch])["val/label_gain"] == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    for step in range(150):
+        task.train_step(batch, step)
+    task.dit_ema.load_state_dict(task.dit.state_dict())
+    scores = task.evaluate([batch])
+    assert scores["val/label_gain"] > 0.5 * scores["val/diffusion_loss"]  # the label names the latent
+
+
+def test_prior_label_gain_measures_how_much_the_labels_tell():
+    config = load_config("tiny", overrides=["ae.bottleneck=vq", "generator=vq_prior", "prior.model=prior-T",
+                                            "generator_train.lr=0.005", "prior.class_conditional=true"])
+    task = make_task(config, "generator", {"latent_shape": [2, 8, 8], "num_classes": 5})
+    task.load_previous_stage(_ae_state(config))
+    task.prepare(torch.device("cpu"))
+    patterns = torch.randint(0, config.ae.vq.codebook_size, (5, 64), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10) % 5
+    batch = {"codes": patterns[labels], "label": labels}
+    untrained = task.evaluate([batch])["val/label_gain"]
+    for step in range(60):
+        task.train_step(batch, step)
+    # Nats per code: the label names the first code; the codes before it name each later one, so the gain
+    # is mostly that first code's, spread over 64.
+    assert task.evaluate([batch])["val/label_gain"] > 0.2 > abs(untrained)
+
+
 def test_generator_must_match_the_bottleneck():
     from raydae.errors import UserError
 

@@ -80,6 +80,12 @@ class GeneratorTask:
             return None
         return torch.arange(n, device=device) % self.latent_facts["num_classes"]
 
+    def wrong_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Every label moved to the next class. The label gain, the held-out loss under these minus the loss
+        under the right labels, says how much a class-conditional generator uses its labels: about 0 means it
+        ignores them (its samples' class mix then follows the data, whatever class is asked for)."""
+        return (labels + 1) % self.latent_facts["num_classes"]
+
     @torch.no_grad()
     def image_grid(self, batch: dict | None = None, max_images: int | None = None) -> torch.Tensor:
         """Samples decoded by the final decoder, for TensorBoard (a fixed seed, so grids are comparable)."""
@@ -137,18 +143,30 @@ class DiTTask(GeneratorTask):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        """Diffusion loss of the EMA model on held-out latents, with fixed noise and timesteps."""
+        """Diffusion loss of the EMA model on held-out latents, with fixed noise and timesteps; for a
+        class-conditional model also its label gain (GeneratorTask.wrong_labels)."""
         generator = torch.Generator().manual_seed(1234)
-        total, count = 0.0, 0
+        total, wrong, count = 0.0, 0.0, 0
         for batch in batches:
             x0 = self._latents(batch, generator)
             t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            kwargs = {"y": batch["label"]} if self.conditional else {}
-            loss = self.diffusion.training_loss(self.dit_ema, x0, model_kwargs=kwargs, noise=noise, t=t)
-            total += float(loss) * x0.shape[0]
+
+            def loss(**kwargs) -> float:
+                return float(self.diffusion.training_loss(self.dit_ema, x0, model_kwargs=kwargs, noise=noise, t=t))
+
+            if self.conditional:
+                total += loss(y=batch["label"]) * x0.shape[0]
+                wrong += loss(y=self.wrong_labels(batch["label"])) * x0.shape[0]
+            else:
+                total += loss() * x0.shape[0]
             count += x0.shape[0]
-        return {"val/diffusion_loss": total / count, "val/latents": count} if count else {}
+        if not count:
+            return {}
+        out = {"val/diffusion_loss": total / count, "val/latents": count}
+        if self.conditional:
+            out["val/label_gain"] = (wrong - total) / count
+        return out
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, steps: int | None = None, cfg_scale: float | None = None,
@@ -200,16 +218,23 @@ class PriorTask(GeneratorTask):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        """Held-out cross-entropy in nats per code (and its perplexity)."""
-        total, count = 0.0, 0
+        """Held-out cross-entropy in nats per code (and its perplexity); for a class-conditional prior also
+        its label gain (GeneratorTask.wrong_labels), in nats per code."""
+        total, wrong, count = 0.0, 0.0, 0
         with evaluation_mode(self.prior):
             for batch in batches:
                 total += float(self._cross_entropy(self.prior, batch)) * batch["codes"].numel()
+                if self.conditional:
+                    mislabelled = {**batch, "label": self.wrong_labels(batch["label"])}
+                    wrong += float(self._cross_entropy(self.prior, mislabelled)) * batch["codes"].numel()
                 count += batch["codes"].numel()
         if not count:
             return {}
         nats = total / count
-        return {"val/cross_entropy": nats, "val/code_perplexity": float(torch.tensor(nats).exp())}
+        out = {"val/cross_entropy": nats, "val/code_perplexity": float(torch.tensor(nats).exp())}
+        if self.conditional:
+            out["val/label_gain"] = (wrong - total) / count
+        return out
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, labels: torch.Tensor | None = None, steps: int | None = None,
