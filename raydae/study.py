@@ -8,7 +8,7 @@ arms honestly"). This module only does arithmetic on finished runs' metrics; it 
 For each metric and arm: mean, sample standard deviation over seeds (the seed spread) and n. Against the
 baseline, on the seeds both arms finished: the mean paired difference (arm - baseline), its standard
 deviation and standard error, the paired t statistic and a two-sided 95% confidence interval
-(Student's t). Two verdicts, both printed:
+(Student's t); the same for any other pair of arms the file names (`pairs:`). Two verdicts, both printed:
   exceeds_spread  |mean difference| is larger than the larger of the two arms' seed spreads
   significant     the 95% interval of the paired difference excludes 0
 A stage-1 run whose final reconstruction error is far above its seed-mates' is flagged, not dropped.
@@ -83,10 +83,12 @@ def stage1_outliers(values: dict[int, float]) -> list[int]:
     return sorted(flagged)
 
 
-def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str]) -> list[dict]:
+def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str],
+            pairs: list[list[str]] = ()) -> list[dict]:
     """`runs`: {"arm", "seed", "group" (other grid values, a string), "metrics"} per finished run.
 
-    Returns one block per group: per arm and metric the spread, per non-baseline arm the paired difference."""
+    Returns one block per group: per arm and metric the spread, per non-baseline arm the paired difference,
+    and per `[arm, reference]` of `pairs` the paired difference arm - reference."""
     if baseline not in arms:
         raise UserError(f"study: baseline {baseline!r} is not one of the arms ({', '.join(arms)})")
     blocks = []
@@ -107,8 +109,21 @@ def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str]
                     entry["differences"][metric] = paired_difference(values, {s: v for s, v in base.items()
                                                                               if v is not None})
             block["arms"][arm] = entry
+        block["pairs"] = [
+            {"arm": arm, "reference": reference, "differences": {
+                metric: paired_difference(block["arms"][arm]["metrics"][metric]["values"],
+                                          block["arms"][reference]["metrics"][metric]["values"])
+                for metric in metrics}}
+            for arm, reference in pairs]
         blocks.append(block)
     return blocks
+
+
+def _difference_cells(d: dict) -> list[str]:
+    return [f"{_fmt(d['diff_mean'])} ± {_fmt(d['stderr'])} (stderr)",
+            f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}]", _fmt(d["t"], 3),
+            {True: "yes", False: "no", None: "n/a"}[d["exceeds_spread"]],
+            {True: "yes", False: "no", None: "n/a"}[d["significant"]]]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -126,9 +141,11 @@ def markdown(blocks: list[dict], labels: dict[str, str], baseline: str, metrics:
         lines.append(f"| {arm} | {labels.get(arm, '')} | {row['total_ae_steps']} | {row['final_decoder_steps']} | "
                      f"{row['final_decoder']} | {row['aux_decoder']} |")
     for block in blocks:
+        pairs = block.get("pairs", [])
         lines += ["", f"## {block['group'] or 'Results'}", "",
-                  f"Paired differences are arm − {baseline} on the seeds both finished; "
-                  "*exceeds spread*: |difference| > the larger arm's seed sd; *significant*: the 95% "
+                  f"Paired differences are arm − {baseline} on the seeds both finished"
+                  + ("; rows `A − B` compare two other arms the same way (the file's `pairs:`)" if pairs else "")
+                  + "; *exceeds spread*: |difference| > the larger arm's seed sd; *significant*: the 95% "
                   "interval (Student's t) excludes 0.", ""]
         for metric in metrics:
             lines += [f"**{metric}**", "", "| arm | seeds | mean ± sd | diff vs baseline | 95% interval | paired t "
@@ -136,12 +153,12 @@ def markdown(blocks: list[dict], labels: dict[str, str], baseline: str, metrics:
             for arm, entry in block["arms"].items():
                 m = entry["metrics"][metric]
                 d = entry["differences"].get(metric)
-                cells = ["—"] * 5 if d is None else [
-                    f"{_fmt(d['diff_mean'])} ± {_fmt(d['stderr'])} (stderr)",
-                    f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}]", _fmt(d["t"], 3),
-                    {True: "yes", False: "no", None: "n/a"}[d["exceeds_spread"]],
-                    {True: "yes", False: "no", None: "n/a"}[d["significant"]]]
+                cells = ["—"] * 5 if d is None else _difference_cells(d)
                 lines.append(f"| {arm} | {m['n']} | {_fmt(m['mean'])} ± {_fmt(m['sd'])} | " + " | ".join(cells) + " |")
+            for pair in pairs:
+                d = pair["differences"][metric]
+                lines.append(f"| {pair['arm']} − {pair['reference']} | {d['diff_n']} | — | "
+                             + " | ".join(_difference_cells(d)) + " |")
             lines.append("")
         flagged = {arm: e["stage1_outliers"] for arm, e in block["arms"].items() if e["stage1_outliers"]}
         if flagged:

@@ -120,7 +120,7 @@ def run_sweep(path: str, resume: bool = False, address: str | None = None, stora
         raise UserError(f"--resume: no sweep at {experiment}; drop --resume to start it")
     if exists:
         saved = yaml.safe_load(root.read_text("sweep.yaml"))
-        if saved != spec.to_dict():
+        if _what_trials_run(saved) != _what_trials_run(spec.to_dict()):
             raise UserError(f"sweep {experiment} was started from a different sweep file; run it with the same "
                             "file, or change `name:` to start a new sweep")
     check_inception_metric(spec)
@@ -225,6 +225,16 @@ def _write_study_figure(root, blocks: list[dict], metrics: list[str]) -> bool:
     return True
 
 
+def _what_trials_run(spec: dict) -> dict:
+    """A sweep file without what only shapes a study's tables (its metrics, pairs and arm labels): editing those
+    and running the same command again redraws study.md from the finished runs."""
+    study = spec.get("study")
+    if not study:
+        return spec
+    arms = {name: {k: v for k, v in arm.items() if k != "label"} for name, arm in study.get("arms", {}).items()}
+    return {**spec, "study": {**{k: v for k, v in study.items() if k not in ("metrics", "pairs")}, "arms": arms}}
+
+
 def summarise_study(spec: SweepSpec, root, trials: list[dict]) -> dict:
     """study.json and study.md: per arm and metric, mean and seed spread, and paired differences."""
     study = spec.study
@@ -238,7 +248,7 @@ def summarise_study(spec: SweepSpec, root, trials: list[dict]) -> dict:
         runs.append({"arm": row[ARM_KEY], "seed": int(row[SEED_KEY]), "group": group,
                      "metrics": folder.read_json("metrics.json")})
     arms = list(study["arms"])
-    blocks = compare(runs, arms, study["baseline"], study["metrics"])
+    blocks = compare(runs, arms, study["baseline"], study["metrics"], study.get("pairs", []))
     schedules = {arm: arm_schedule(arm_config(spec, arm)) for arm in arms}
     labels = {arm: study["arms"][arm]["label"] for arm in arms}
     missing = len(arms) * len(study["seeds"]) * max(1, math.prod(len(d["grid"]) for d in spec.search.values())) \

@@ -127,9 +127,9 @@ SEED_KEY = "train.seed"  # the pairing of a study: every arm runs every seed
 def _parse_study(data, where: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{where}: must be a mapping with arms, seeds, baseline")
-    unknown = sorted(set(data) - {"arms", "seeds", "baseline", "metrics"})
+    unknown = sorted(set(data) - {"arms", "seeds", "baseline", "metrics", "pairs"})
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: arms, seeds, baseline, metrics")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: arms, seeds, baseline, metrics, pairs")
     arms = data.get("arms")
     if not isinstance(arms, dict) or len(arms) < 2:
         raise UserError(f"{where}: arms: give at least two named arms, e.g. joint: {{set: {{train.mode: joint}}}}")
@@ -151,7 +151,25 @@ def _parse_study(data, where: str) -> dict:
     metrics = data.get("metrics") or list(DEFAULT_METRICS)
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise UserError(f"{where}: metrics: give a list of dotted paths in metrics.json")
-    return {"arms": clean, "seeds": seeds, "baseline": baseline, "metrics": metrics}
+    study = {"arms": clean, "seeds": seeds, "baseline": baseline, "metrics": metrics}
+    pairs = _parse_pairs(data.get("pairs") or [], clean, where)
+    if pairs:  # absent when none, so a study saved before `pairs:` existed still resumes as the same file
+        study["pairs"] = pairs
+    return study
+
+
+def _parse_pairs(pairs, arms: dict, where: str) -> list[list[str]]:
+    """`pairs: [[arm, reference], ...]`: comparisons besides every arm against the baseline (e.g. DAE against
+    joint training with the same small decoder, when the baseline is joint training with the full one)."""
+    example = f"e.g. pairs: [[{', '.join(list(arms)[-2:][::-1])}]]"
+    if not isinstance(pairs, list):
+        raise UserError(f"{where}: pairs: give a list of [arm, reference] pairs, {example}")
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(str(a) in arms for a in pair)
+                and pair[0] != pair[1]):
+            raise UserError(f"{where}: pairs: {pair!r} is not two different arms of this study "
+                            f"({', '.join(arms)}); {example}")
+    return [[str(a), str(b)] for a, b in pairs]
 
 
 def _section(cls, data, where: str):

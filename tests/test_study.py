@@ -77,6 +77,42 @@ def test_compare_and_table_from_fixture_runs():
         compare(runs, ["joint", "dae"], "x", metrics)
 
 
+def test_only_what_the_trials_run_must_match_when_a_study_is_run_again():
+    from raydae.sweep import _what_trials_run
+
+    saved = parse_sweep(_study()).to_dict()
+    retitled = _study(study={"arms": {**ARMS, "dae": {**ARMS["dae"], "label": "DAE, new title"}}, "seeds": [0, 1],
+                             "baseline": "joint", "metrics": ["final_decoder.val_psnr"], "pairs": [["dae", "joint"]]})
+    assert _what_trials_run(parse_sweep(retitled).to_dict()) == _what_trials_run(saved)  # tables only: redrawn
+    for changed in (_study(max_concurrent=1), _study(study={"arms": ARMS, "seeds": [0, 1, 2], "baseline": "joint"}),
+                    _study(study={"arms": {**ARMS, "dae": {"set": {**ARMS["dae"]["set"], "ae.aux_decoder.width": 0.25}}},
+                                  "seeds": [0, 1], "baseline": "joint"})):
+        assert _what_trials_run(parse_sweep(changed).to_dict()) != _what_trials_run(saved)
+
+
+def test_a_pair_of_arms_is_compared_like_an_arm_with_the_baseline():
+    def run(arm, seed, fd):
+        return {"arm": arm, "seed": seed, "group": "", "metrics": {"eval": {"samples": {"fd": fd}}}}
+
+    # joint with the full decoder is the baseline; the question is DAE against joint with the same small one
+    runs = [run("joint", 0, 30.0), run("joint", 1, 31.0), run("joint", 2, 29.0),
+            run("joint_small", 0, 40.0), run("joint_small", 1, 42.0), run("joint_small", 2, 41.0),
+            run("dae_small", 0, 41.0), run("dae_small", 1, 42.9), run("dae_small", 2, 42.1)]
+    arms, metrics = ["joint", "joint_small", "dae_small"], ["eval.samples.fd"]
+    (block,) = compare(runs, arms, "joint", metrics, [["dae_small", "joint_small"]])
+    (pair,) = block["pairs"]
+    d = pair["differences"]["eval.samples.fd"]
+    assert (pair["arm"], pair["reference"]) == ("dae_small", "joint_small")
+    assert d["seeds"] == [0, 1, 2] and d["diff_mean"] == pytest.approx(1.0)  # 1.0, 0.9, 1.1
+    assert d["significant"] is True  # every seed the same way, little spread
+    assert block["arms"]["dae_small"]["differences"]["eval.samples.fd"]["diff_mean"] == pytest.approx(12.0)
+    schedules = {a: {"total_ae_steps": 4, "final_decoder_steps": 2, "final_decoder": "w1 b1 d0", "aux_decoder": "-"}
+                 for a in arms}
+    text = markdown([block], {a: a for a in arms}, "joint", metrics, schedules)
+    assert "| dae_small − joint_small | 3 | — | 1 ± " in text and "the file's `pairs:`" in text
+    assert "pairs:" not in markdown(compare(runs, arms, "joint", metrics), {}, "joint", metrics, schedules)
+
+
 STUDY_BASE = {"preset": "tiny", "set": {"train.checkpoint_every": 100}}  # no evaluation: stage metrics suffice
 ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "train.joint_steps": 4}},
         "dae": {"label": "DAE half-width aux, 2+2 steps",
@@ -108,6 +144,12 @@ def test_study_file_checks():
         parse_sweep(_study(study={"arms": unfair, "seeds": [0, 1], "baseline": "joint"}))
     with pytest.raises(UserError, match="set by the study section"):
         parse_sweep(_study(search={"train.seed": {"grid": [0, 1]}}))
+    assert "pairs" not in spec.study  # a study saved before `pairs:` existed is still the same file
+    paired = parse_sweep(_study(study={"arms": ARMS, "seeds": [0, 1], "baseline": "joint", "pairs": [["dae", "joint"]]}))
+    assert paired.study["pairs"] == [["dae", "joint"]]
+    for bad in ([["dae", "nope"]], [["dae", "dae"]], ["dae"], "dae"):
+        with pytest.raises(UserError, match="pairs: .*e.g. pairs: "):
+            parse_sweep(_study(study={"arms": ARMS, "seeds": [0, 1], "baseline": "joint", "pairs": bad}))
 
 
 def test_shipped_study_files_parse():
