@@ -16,19 +16,15 @@ from pathlib import Path
 
 import benchlib  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
-import pyarrow.parquet as pq
-import ray.data  # noqa: F401  (registers Ray's tensor column type, in which the latents are stored)
 import torch
 
 from raydae.checkpoints import load_generator
+from raydae.latents import latent_batches
 
 
 def val_batch(latents_uri: str) -> dict:
-    table = pq.read_table(f"{latents_uri.rstrip('/')}/val")
-    batch = {name: torch.tensor(np.stack(table.column(name).to_numpy(zero_copy_only=False)))
-             for name in table.column_names if name != "label"}
-    batch["label"] = torch.tensor(table.column("label").to_numpy())
-    return batch
+    batches = list(latent_batches(f"{latents_uri.rstrip('/')}/val"))
+    return {name: torch.from_numpy(np.concatenate([batch[name] for batch in batches])) for name in batches[0]}
 
 
 def main() -> None:

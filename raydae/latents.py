@@ -24,6 +24,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.dataset
+import ray.data
 import torch
 
 from raydae.checkpoints import load_checkpoint_state, load_task
@@ -34,7 +36,7 @@ from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
 from raydae.pixels import model_input
 from raydae.progress import Progress, heartbeat
-from raydae.storage import RunFolder
+from raydae.storage import RunFolder, filesystem
 from raydae.tasks import encode_images, latent_signature
 
 MANIFEST = "manifest.json"
@@ -107,8 +109,6 @@ def latent_folder(storage: str, key: str) -> RunFolder:
 
 def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, storage: str) -> LatentSet:
     """Encode `bundle.train` and `bundle.val` unless latents for this key are already stored."""
-    from ray.data import ActorPoolStrategy
-
     key = encoder_key(state, config)
     folder = latent_folder(storage, key)
     if folder.exists(MANIFEST):
@@ -129,7 +129,7 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
                 EncodeBatch,
                 fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
                 batch_size=256,
-                compute=ActorPoolStrategy(size=max(1, scaling.num_workers)),
+                compute=ray.data.ActorPoolStrategy(size=max(1, scaling.num_workers)),
                 # Ray Data restarts a dead actor by default, but these actors' constructor arguments live in the
                 # object store, where Ray cannot promise them for a restart (it logs an error for every encoding).
                 # An encoding that fails is redone whole by the next run: the manifest is written last.
@@ -170,14 +170,11 @@ def _shards_written(folder: RunFolder, target: str):
 
 def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000, expected_rows: int | None = None) -> float:
     """Standard deviation of latents sampled from the posteriors (what the generator sees)."""
-    import ray.data
-
-    rows = ray.data.read_parquet(train_uri).select_columns(["mean", "logvar"]).limit(max_rows)
     generator = np.random.default_rng(seed)
     total, total_sq, count = 0.0, 0.0, 0
     progress = Progress("latents", "std of sampled latents", total=min(max_rows, expected_rows or max_rows),
-                        unit="latents")
-    for batch in rows.iter_batches(batch_size=4096, batch_format="numpy"):
+                        unit="latents", every_fraction=1.0)  # a second or two: lines only if it is slow
+    for batch in latent_batches(train_uri, ("mean", "logvar"), max_rows):
         progress.advance(len(batch["mean"]))
         mean, logvar = batch["mean"].astype(np.float64), batch["logvar"].astype(np.float64)
         z = mean + np.exp(0.5 * logvar) * generator.standard_normal(mean.shape)
@@ -190,9 +187,27 @@ def measure_latent_std(train_uri: str, seed: int, max_rows: int = 20000, expecte
     return std
 
 
-def read_latents(uri: str, split: str):
-    import ray.data
+def latent_batches(split_uri: str, columns: tuple[str, ...] | None = None, max_rows: int | None = None,
+                   batch_size: int = 4096):
+    """The first `max_rows` rows (None: all) of a stored split's `columns` (None: all), in batches of numpy
+    arrays, read with pyarrow alone: a Ray Data execution's start-up (4-10 s here) is longer than reading a
+    few thousand latents."""
+    fs, path = filesystem(split_uri.rstrip("/"))
+    parquet = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
+    columns = tuple(columns or parquet.schema.names)
+    scanner = parquet.scanner(columns=list(columns), batch_size=batch_size)
+    left = max_rows if max_rows is not None else parquet.count_rows()
+    for record_batch in scanner.to_batches():
+        if left <= 0:
+            break
+        rows = record_batch.slice(0, left)
+        left -= rows.num_rows
+        if rows.num_rows:
+            # Tensor columns are Ray's Arrow extension type (registered by importing ray.data): one array per row.
+            yield {name: np.stack(rows.column(name).to_numpy(zero_copy_only=False)) for name in columns}
 
+
+def read_latents(uri: str, split: str):
     return ray.data.read_parquet(f"{uri.rstrip('/')}/{split}")
 
 

@@ -7,7 +7,7 @@ import torch
 from raydae.checkpoints import save_training_state
 from raydae.config import load_config
 from raydae.data import build_datasets
-from raydae.latents import encode_dataset, encoder_key, read_latents
+from raydae.latents import encode_dataset, encoder_key, latent_batches, measure_latent_std, read_latents
 from raydae.pixels import model_input
 from raydae.tasks import AutoencoderTask
 
@@ -52,8 +52,17 @@ def test_latents_round_trip_and_are_reused(ray_session, tmp_path, bottleneck):
     assert values.dtype == (np.int64 if bottleneck == "vq" else np.float32)
     key = lambda a: np.lexsort(a.T[::-1])  # noqa: E731 - row order for comparison
     np.testing.assert_allclose(values[key(values)], direct[key(direct)], rtol=0, atol=1e-5)
+    # The pyarrow reader (no Ray Data) gives the same rows in the same order, and max_rows cuts them.
+    (read,) = latent_batches(f"{first.uri}/val", (column, "label"))
+    np.testing.assert_array_equal(read[column], values)
+    np.testing.assert_array_equal(read["label"], stored["label"].to_numpy())
+    assert sum(len(b["label"]) for b in latent_batches(f"{first.uri}/train", ("label",), 25, batch_size=10)) == 25
     if bottleneck == "kl":
-        assert first.manifest["latent_std"] > 0
+        # The manifest's std is that of latents sampled from the stored posteriors (all 40 train rows).
+        (train,) = latent_batches(f"{first.uri}/train", ("mean", "logvar"))
+        z = train["mean"] + np.exp(0.5 * train["logvar"]) * np.random.default_rng(0).standard_normal(train["mean"].shape)
+        assert first.manifest["latent_std"] == pytest.approx(measure_latent_std(f"{first.uri}/train", seed=0))
+        assert first.manifest["latent_std"] == pytest.approx(z.std(), rel=1e-6)
 
     again = encode_dataset(config, checkpoint, state, bundle, str(tmp_path / "store"))
     assert again.reused and again.uri == first.uri
