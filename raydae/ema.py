@@ -45,11 +45,13 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
     ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
     _matching(ema_params, params, "parameters")
-    for name, param in params.items():
-        ema_param = ema_params[name]
-        # Two roundings, the same as the formula written out: mul_ then add of (1 - decay) * param.
-        # (add_(..., alpha=) may fuse into one multiply-add and round differently.)
-        ema_param.mul_(decay).add_(param.detach().to(ema_param.dtype) * (1.0 - decay))
+    averages = [ema_params[name] for name in params]
+    # One multi-tensor kernel per operation instead of two per parameter (a DiT-B has ~130 of them: on a GPU the
+    # per-parameter launches cost more than the arithmetic). The same roundings as the formula written out:
+    # decay * ema, then (1 - decay) * param, then their sum (add_(..., alpha=) may fuse and round differently).
+    torch._foreach_mul_(averages, decay)
+    torch._foreach_add_(averages, torch._foreach_mul(
+        [param.detach().to(ema.dtype) for param, ema in zip(params.values(), averages)], 1.0 - decay))
     ema_buffers, buffers = dict(ema_model.named_buffers()), dict(model.named_buffers())
     _matching(ema_buffers, buffers, "buffers")
     for name, buffer in buffers.items():

@@ -38,9 +38,9 @@ class StepWindow:
         self.opened = time.perf_counter()
         self.steps, self.images = 0, 0
         self.waiting = self.busy = 0.0
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}  # on the device until `means()` reads them
 
-    def add(self, logs: dict[str, float], images: int, waiting: float, busy: float) -> None:
+    def add(self, logs: dict[str, torch.Tensor | float], images: int, waiting: float, busy: float) -> None:
         self.steps += 1
         self.images += images
         self.waiting += waiting
@@ -49,7 +49,7 @@ class StepWindow:
             self.sums[key] = self.sums.get(key, 0.0) + value
 
     def means(self) -> dict[str, float]:
-        return {key: value / self.steps for key, value in self.sums.items()}
+        return {key: float(value) / self.steps for key, value in self.sums.items()}
 
     def images_per_second(self) -> float:
         """Over the wall-clock time since the window opened (bookkeeping between steps included)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from raydae.config import load_config
+from raydae.loop import StepWindow
 from raydae.losses import equivariance_error
 from raydae.tasks import AutoencoderTask, make_grid
 from raydae.tasks.autoencoder import encode_images
@@ -64,6 +65,21 @@ def test_joint_training_updates_encoder_and_decoder():
     logs = task.train_step(_batch(config), 0)
     assert {"loss/total", "loss/reconstruction", "bottleneck/kl"} <= set(logs)
     assert any(not torch.equal(a, b) for a, b in zip(enc, task.encoder.parameters()))
+
+
+def test_train_steps_leave_their_logs_on_the_device_and_the_window_reads_them_once():
+    # A float() per step would make the host wait for the GPU at every step; the loop's window reads the sums.
+    config = load_config("tiny", overrides=["train.mode=joint"])
+    task = AutoencoderTask(config, "joint")
+    task.prepare(torch.device("cpu"))
+    window = StepWindow()
+    steps = [task.train_step(_batch(config, seed=step), step) for step in range(3)]
+    for logs in steps:
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+        window.add(logs, images=4, waiting=0.0, busy=0.1)
+    means = window.means()
+    assert all(type(v) is float for v in means.values())
+    assert means["loss/total"] == pytest.approx(sum(float(logs["loss/total"]) for logs in steps) / 3)
 
 
 def test_reconstruction_loss_falls_on_a_fixed_batch():

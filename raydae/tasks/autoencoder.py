@@ -196,7 +196,7 @@ class AutoencoderTask:
         out = encode_images(self.encoder, self.bottleneck, images)
         return self.decoder(out.z), out
 
-    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, torch.Tensor]:
         images = model_input(batch["image"])
         train = self.config.train
         disc_cfg = self.config.loss.discriminator
@@ -244,7 +244,7 @@ class AutoencoderTask:
             d_loss = hinge_d_loss(real, fake)
             optimizer_step(self.optimizers["discriminator"], d_loss)
             logs["loss/discriminator"] = d_loss.detach()
-        return {k: float(v) for k, v in logs.items()}
+        return logs
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()

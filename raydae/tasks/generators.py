@@ -132,13 +132,13 @@ class DiTTask(GeneratorTask):
         z = mean + torch.exp(0.5 * logvar) * noise
         return (z / self.latent_std).view(-1, *self.latent_shape)
 
-    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, torch.Tensor]:
         x0 = self._latents(batch)
         kwargs = {"y": batch["label"]} if self.conditional else {}
         loss = self.diffusion.training_loss(self.trained_module, x0, model_kwargs=kwargs)
         self.optimise(loss, lr_scale)
         ema_update(self.dit_ema, self.dit, warmed_up_decay(self.config.dit.ema_decay, step))
-        value = float(loss.detach())
+        value = loss.detach()
         return {"loss/total": value, "loss/diffusion": value}
 
     @torch.no_grad()
@@ -210,10 +210,10 @@ class PriorTask(GeneratorTask):
         logits = model(codes, batch["label"] if self.conditional else None)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
 
-    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, torch.Tensor]:
         loss = self._cross_entropy(self.trained_module, batch)
         self.optimise(loss, lr_scale)
-        value = float(loss.detach())
+        value = loss.detach()
         return {"loss/total": value, "loss/cross_entropy": value}
 
     @torch.no_grad()

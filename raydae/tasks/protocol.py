@@ -27,8 +27,9 @@ class Task(Protocol):
     def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = ...) -> None:
         """Move to `device`, freeze `frozen`, wrap the trained modules (DDP) and build the optimizers."""
 
-    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, float]:
-        """One optimisation step on `batch`; the scalars to log."""
+    def train_step(self, batch: dict, step: int, lr_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """One optimisation step on `batch`; the scalars to log, as detached 0-d tensors left on the device (the
+        loop reads them back once per log window: a read every step would make the host wait for the GPU)."""
 
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out metrics over `batches`, on the plain (unwrapped) modules."""
