@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from raydae.config import load_config  # noqa: E402
 from raydae.tasks import make_task, warmup_scale  # noqa: E402
@@ -82,37 +83,47 @@ def main() -> None:
         torch.set_num_threads(threads)
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
     num_classes = 5
-    task = make_task(config, "generator", {"latent_shape": [channels, size, size], "num_classes": num_classes,
-                                           "latent_std": 1.0})
-    task.prepare(device)
-    params = sum(p.numel() for p in task.dit.parameters())
-    batch = {
-        "mean": torch.randn(batch_size, channels * size * size, device=device),
-        "logvar": torch.full((batch_size, channels * size * size), -4.0, device=device),
-        "label": torch.randint(0, num_classes, (batch_size,), device=device),
-    }
+    facts = {"latent_shape": [channels, size, size], "num_classes": num_classes, "latent_std": 1.0}
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(device_type=device.type, enabled=False))
+
+    def latents(n: int) -> dict:
+        return {"mean": torch.randn(n, channels * size * size, device=device),
+                "logvar": torch.full((n, channels * size * size), -4.0, device=device),
+                "label": torch.randint(0, num_classes, (n,), device=device)}
+
+    # Model FLOPs, counted on a plain twin (not compiled, no recomputation: MFU counts the model's FLOPs, not
+    # the hardware's) at a small batch and scaled: every FLOP of a DiT step is per sample.
+    plain = load_config(args.preset, overrides=overrides + args.overrides + [
+        "generator_train.compile=false", "dit.activation_checkpointing=false"])
+    counting = make_task(plain, "generator", facts)
+    counting.prepare(device)
+    small = min(batch_size, 8)
+    counter = FlopCounterMode(display=False)
+    with counter, autocast:
+        counting.train_step(latents(small), 0)
+    flops = counter.get_total_flops() * batch_size / small
+    flops_by_operator = {str(k): v * batch_size / small for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    del counting
+
+    torch.manual_seed(0)
+    task = make_task(config, "generator", facts)
+    task.prepare(device)
+    params = sum(p.numel() for p in task.dit.parameters())
+    batch = latents(batch_size)
     train_config = task.train_config
 
     def step(i: int) -> None:
         with autocast:
             task.train_step(batch, i, lr_scale=warmup_scale(i, train_config.warmup_steps))
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(0)
-    flops = counter.get_total_flops()
-    for i in range(1, 1 + args.warmup):
+    for i in range(args.warmup):  # with generator_train.compile, the first steps compile
         step(i)
     _sync(device)
     start = time.perf_counter()
     for i in range(args.steps):
-        step(1 + args.warmup + i)
+        step(args.warmup + i)
     _sync(device)
     seconds = (time.perf_counter() - start) / args.steps
     achieved = flops / seconds / 1e12
@@ -148,11 +159,13 @@ def main() -> None:
         "settings": {"preset": args.preset, "model": config.dit.model, "latent_shape": [channels, size, size],
                      "batch_size": batch_size, "precision": precision, "steps": args.steps, "warmup": args.warmup,
                      "device": args.device, "overrides": args.overrides,
+                     "compile": config.generator_train.compile,
+                     "activation_checkpointing": config.dit.activation_checkpointing,
                      "torch_threads": torch.get_num_threads() if not cuda else None},
         "summary": {"parameters": params, "flops_per_step": flops, "step_seconds": seconds,
                     "latents_per_second": batch_size / seconds, "achieved_tflops": achieved,
                     "peak_tflops": peak, "mfu": mfu, "note": reason},
-        "flops_by_operator": {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()},
+        "flops_by_operator": flops_by_operator,
     })
     print(f"wrote {path}")
 

@@ -160,6 +160,7 @@ class DiTConfig:
     class_dropout: float = 0.1  # label dropout, so one model serves classifier-free guidance
     cfg_scale: float = 1.0  # 1.0: no guidance
     ema_decay: float = 0.999  # sampling uses the EMA weights; warmed up as min(decay, (1+step)/(10+step))
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 @dataclass
@@ -184,6 +185,7 @@ class GeneratorTrainConfig:
     warmup_steps: int = 100
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
     grad_clip: float = 1.0
+    compile: bool = False  # torch.compile the trained model (for GPUs: the first steps pay the compilation)
     log_every: int = 50
     image_every: int = 500  # TensorBoard grid of samples decoded by the final decoder
     checkpoint_every: int = 500

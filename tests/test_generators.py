@@ -102,3 +102,57 @@ def test_generator_must_match_the_bottleneck():
 
     with pytest.raises(UserError, match="generator=vq_prior needs ae.bottleneck=vq"):
         load_config("tiny", overrides=["generator=vq_prior"])
+
+
+def _dit_steps(overrides: list[str], steps: int = 3) -> tuple:
+    """A tiny DiT task after `steps` training steps from a fixed seed: (task, per-step losses, the batch)."""
+    config = load_config("tiny", overrides=["generator=dit", "dit.model=DiT-T/2", "generator_train.warmup_steps=0",
+                                            *overrides])
+    torch.manual_seed(0)
+    task = make_task(config, "generator", {"latent_shape": [2, 8, 8], "num_classes": 5, "latent_std": 1.0})
+    task.load_previous_stage(_ae_state(config))
+    task.prepare(torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    batch = {"mean": torch.randn(8, 128, generator=g), "logvar": torch.full((8, 128), -8.0), "label": torch.arange(8) % 5}
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # the same noise and timesteps in every variant
+        losses.append(float(task.train_step(batch, step)["loss/total"]))
+    return task, losses, batch
+
+
+def test_activation_checkpointing_trains_the_same_weights():
+    plain, plain_losses, batch = _dit_steps([])
+    recomputed, recomputed_losses, _ = _dit_steps(["dit.activation_checkpointing=true"])
+    assert recomputed_losses == pytest.approx(plain_losses, rel=1e-5)
+    for (name, a), b in zip(plain.dit.state_dict().items(), recomputed.dit.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    calls = {}
+    for name, task in (("plain", plain), ("recomputed", recomputed)):
+        calls[name] = 0
+        block = task.dit.blocks[0]
+        forward = block.forward  # wrapped, not hooked: module hooks do not fire on a checkpoint's recomputation
+
+        def counted(*args, name=name, forward=forward):
+            calls[name] += 1
+            return forward(*args)
+        block.forward = counted
+        task.train_step(batch, 3)
+    assert calls == {"plain": 1, "recomputed": 2}  # the block ran again in backward
+
+
+def test_a_compiled_generator_trains_like_the_plain_one_and_checkpoints_plain_names(monkeypatch):
+    # Dynamo's "eager" backend traces and guards as for a GPU but runs the captured graph as it is: the wiring
+    # (what is compiled, what the checkpoint and the EMA see) is tested here without a C++ toolchain or minutes.
+    real_compile = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or real_compile(module, backend="eager", **kw))
+    plain, plain_losses, _ = _dit_steps([])
+    task, losses, _ = _dit_steps(["generator_train.compile=true"])
+    assert compiled == [task.dit] and task.trained_module is not task.dit
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    names = set(task.dit.state_dict())
+    assert names == set(plain.dit.state_dict()) == set(task.dit_ema.state_dict())
+    assert not any("_orig_mod" in name for module in task.models.values() for name in module.state_dict())
+    for name, value in task.dit_ema.state_dict().items():
+        torch.testing.assert_close(value, plain.dit_ema.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)

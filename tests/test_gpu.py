@@ -68,3 +68,50 @@ def test_prior_codes_from_a_cpu_seed_are_the_same_on_cuda():
 def test_spectral_norm_product_of_a_cuda_module():
     conv = nn.Conv2d(2, 4, 3, padding=1).to(CUDA)
     assert spectral_norm_product(conv, (2, 8, 8)) > 0
+
+
+def _fixed_batch(n: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    smooth = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    return {"image": smooth.to(CUDA), "label": (torch.arange(n) % 5).to(CUDA)}
+
+
+def test_autoencoder_stage_learns_on_cuda_in_bf16():
+    from raydae.tasks import AutoencoderTask
+
+    config = load_config("tiny", overrides=["train.lr=0.003", "train.precision=bf16"])
+    task = AutoencoderTask(config, "joint")
+    task.prepare(CUDA)
+    batch = _fixed_batch()
+    steps = []
+    for step in range(80):
+        # One autocast region per step, as the loop has it: a region caches its bf16 copies of the weights,
+        # so a region around several optimizer steps would train stale copies.
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            steps.append(task.train_step(batch, step))
+    first, last = steps[0], steps[-1]
+    assert all(v.device.type == "cuda" for v in last.values())  # logs stay on the GPU: no sync per step
+    assert float(last["loss/reconstruction"]) < 0.5 * float(first["loss/reconstruction"])
+    metrics = task.evaluate([batch])
+    assert 0 < metrics["val/mse"] < 1
+
+
+def test_dit_trains_on_cuda_compiled_fused_and_recomputed():
+    task = generator_task("generator=dit", "dit.model=DiT-T/2", "dit.sample_steps=4", "dit.class_conditional=true",
+                          "generator_train.lr=0.002", "generator_train.warmup_steps=0", "generator_train.compile=true",
+                          "dit.activation_checkpointing=true", latent_std=1.0)
+    task.prepare(CUDA)
+    assert task.optimizers["generator"].defaults["fused"] is True
+    g = torch.Generator().manual_seed(0)
+    batch = {"mean": torch.randn(16, 128, generator=g).to(CUDA), "logvar": torch.full((16, 128), -8.0, device=CUDA),
+             "label": (torch.arange(16) % 5).to(CUDA)}
+    first = task.evaluate([batch])["val/diffusion_loss"]
+    for step in range(300):  # the first steps compile (inductor)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            logs = task.train_step(batch, step)
+    assert logs["loss/total"].device.type == "cuda" and torch.isfinite(logs["loss/total"])
+    task.dit_ema.load_state_dict(task.dit.state_dict())  # judge the trained weights, not the slow EMA
+    assert task.evaluate([batch])["val/diffusion_loss"] < 0.8 * first
+    assert not any("_orig_mod" in name for name in task.dit.state_dict())
+    images = task.sample(4, seed=0)
+    assert images.device.type == "cuda" and torch.isfinite(images).all()

@@ -59,12 +59,17 @@ class GeneratorTask:
     def prepare(self, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         self.device = device
         place_modules(self.models, self.frozen, device)
-        self.trained_module = wrap(self.generator_module)
-        self.trained_module.train()
         s = self.train_config
+        # Only the training forward is compiled: checkpoints, the EMA and sampling use the plain modules, so
+        # their state_dict names carry no `_orig_mod.` prefix.
+        self.trained_module = wrap(self.generator_module)
+        if s.compile:
+            self.trained_module = torch.compile(self.trained_module)
+        self.trained_module.train()
         self.optimizers = {
             "generator": torch.optim.AdamW(
-                self.trained_module.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
+                self.trained_module.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay,
+                fused=device.type == "cuda",  # one kernel for the whole update instead of several per tensor
             )
         }
 
@@ -116,6 +121,7 @@ class DiTTask(GeneratorTask):
             num_classes=latent_facts["num_classes"] if self.conditional else 0,
             class_dropout_prob=dit_cfg.class_dropout,
         )
+        self.dit.activation_checkpointing = dit_cfg.activation_checkpointing
         self.dit_ema = ema_copy(self.dit)
         self.generator_module = self.dit
         self.models.update({"dit": self.dit, "dit_ema": self.dit_ema})
