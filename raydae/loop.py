@@ -136,6 +136,8 @@ def train_worker(loop_config: dict) -> None:
             dtypes=task.batch_dtypes,
             # A few batches in flight hide the pipeline's restart at each epoch boundary.
             prefetch_batches=4,
+            # Pinned host batches (collated in Ray's prefetch threads) make the copy to the GPU asynchronous.
+            pin_memory=device.type == "cuda",
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=derive_seed(train.seed, derive_seed(step + epoch, rank, stride=31), stride=100003)
             if shuffle else None,
