@@ -251,9 +251,11 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_from: str | None = None,
-              latent_facts: dict | None = None, callbacks: list | None = None, probe: dict | None = None) -> dict:
+              latent_facts: dict | None = None, callbacks: list | None = None, probe: dict | None = None,
+              val_latents: str | None = None) -> dict:
     """Run one stage to completion (resuming from its latest checkpoint if it has one).
 
+    `datasets`: "train", and "val" unless `val_latents` (generator stage) names the stored held-out latents.
     `probe` (generator stage): the real-image reference rank 0 scores its fixed-noise samples against.
 
     Returns the stage's metrics (read back from the final checkpoint) and that checkpoint's path.
@@ -278,6 +280,7 @@ def fit_stage(config: Config, stage: str, run: RunFolder, datasets: dict, init_f
             "tensorboard_upload": tensorboard_upload,
             "latent_facts": latent_facts or {},
             "probe": probe,
+            "val_latents": val_latents,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources

@@ -26,6 +26,7 @@ import ray.train.torch
 
 from raydae.checkpoints import load_checkpoint_state, load_state, save_training_state
 from raydae.config import Config
+from raydae.latents import latent_batches
 from raydae.probe import SampleProbe
 from raydae.seeds import derive_seed
 from raydae.tasks import Task, make_task, warmup_scale
@@ -57,6 +58,18 @@ class StepWindow:
 
     def wait_fraction(self) -> float:
         return self.waiting / max(self.busy, 1e-9)
+
+
+def _held_out_batches(loop_config: dict, task: Task, batch_size: int, device: torch.device):
+    """The held-out split rank 0 evaluates: stored latents straight from their Parquet files (a small set, read
+    once: a Ray Data execution would start up for longer than the read), images through the "val" dataset."""
+    if loop_config.get("val_latents"):
+        columns = tuple(task.batch_dtypes)
+        for batch in latent_batches(loop_config["val_latents"], columns, batch_size=batch_size):
+            yield {name: torch.from_numpy(batch[name]).to(device, task.batch_dtypes[name]) for name in columns}
+    else:
+        yield from ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=batch_size, device=device, dtypes=task.batch_dtypes)
 
 
 def _restore(task: Task, loop_config: dict, device: torch.device) -> tuple[dict | None, bool]:
@@ -186,10 +199,7 @@ def train_worker(loop_config: dict) -> None:
 
     metrics = {"step": step}
     if rank == 0:
-        val = ray.train.get_dataset_shard("val")
-        metrics.update(task.evaluate(val.iter_torch_batches(
-            batch_size=per_worker_batch, device=device, dtypes=task.batch_dtypes,
-        )))
+        metrics.update(task.evaluate(_held_out_batches(loop_config, task, per_worker_batch, device)))
         if attempt.steps:
             metrics["train/images_per_second"] = attempt.images / max(attempt.busy, 1e-9)
             metrics["train/data_wait_fraction"] = attempt.wait_fraction()

@@ -232,7 +232,7 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
             train = train.materialize()
         if config.data.shuffle_buffer > 0:
             train = train.randomize_block_order(seed=config.data.seed)
-        datasets = {"train": train, "val": read_latents(latents["uri"], "val")}
+        datasets = {"train": train}  # the held-out latents are read by rank 0 alone, at the end (loop.py)
         probe = None
         if config.generator_train.probe_samples > 0:
             t0 = time.time()
@@ -242,7 +242,7 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
         t0 = time.time()
         result = launch.fit_stage(config, "generator", run, datasets, init_from=autoencoder_checkpoint,
                                   latent_facts=latent_facts, callbacks=_stage_callbacks(options, "generator"),
-                                  probe=probe)
+                                  probe=probe, val_latents=f"{latents['uri'].rstrip('/')}/val")
         result["wall_seconds"] = time.time() - t0
         run.write_json("generator.done.json", result)
 

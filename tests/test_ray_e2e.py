@@ -125,6 +125,9 @@ def test_dit_chain_evaluates_and_writes_samples(dae_run, tmp_path):
     # The sample probe scored the final generator; the latent measures were taken before it trained.
     assert math.isfinite(metrics["generator"]["probe_fd"]) and metrics["generator"]["probe_fd"] > 0
     assert metrics["generator"]["probe_seconds"] > 0
+    # Rank 0 read every held-out latent straight from its Parquet files and scored the EMA generator on them.
+    assert 0 < metrics["generator"]["diffusion_loss"] < 5
+    assert json.loads((run_dir / "generator.done.json").read_text())["metrics"]["val/latents"] == 64
     quality = metrics["latent_quality"]
     assert 0 < quality["hf_energy"] < 1 and quality["channel_std_mean"] > 0
     assert quality["equivariance_decoder_error"] > 0 and quality["equivariance_encoder_error"] > 0
@@ -153,6 +156,7 @@ def test_vq_chain_rerun_after_a_failure_continues_then_writes_samples_and_skips_
     starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
     assert starts == [0, 2]  # the rerun began at the failed attempt's step-2 checkpoint, not at step 0
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0 and "eval" not in metrics
+    assert 0 < metrics["generator"]["cross_entropy"] < 10  # held-out codes, read by rank 0 from Parquet
     _check_samples(run_dir, tmp_path)
     _check_skipping(config, options, run_dir, capsys, ("joint", "generator"))
 
