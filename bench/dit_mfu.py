@@ -18,6 +18,7 @@ The shapes preset's DiT-T/2 on 4x8x8 latents is far too small to fill a GPU (its
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -106,6 +107,9 @@ def main() -> None:
     flops = counter.get_total_flops() * batch_size / small
     flops_by_operator = {str(k): v * batch_size / small for k, v in counter.get_flop_counts().get("Global", {}).items()}
     del counting
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # the twin's weights and AdamW state (~11 GB for XL/2) leave the cache too
 
     torch.manual_seed(0)
     task = make_task(config, "generator", facts)

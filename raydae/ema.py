@@ -49,9 +49,10 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     # One multi-tensor kernel per operation instead of two per parameter (a DiT-B has ~130 of them: on a GPU the
     # per-parameter launches cost more than the arithmetic). The same roundings as the formula written out:
     # decay * ema, then (1 - decay) * param, then their sum (add_(..., alpha=) may fuse and round differently).
-    torch._foreach_mul_(averages, decay)
-    torch._foreach_add_(averages, torch._foreach_mul(
-        [param.detach().to(ema.dtype) for param, ema in zip(params.values(), averages)], 1.0 - decay))
+    if averages:  # the multi-tensor ops refuse an empty list (a module with buffers only)
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, torch._foreach_mul(
+            [param.detach().to(ema.dtype) for param, ema in zip(params.values(), averages)], 1.0 - decay))
     ema_buffers, buffers = dict(ema_model.named_buffers()), dict(model.named_buffers())
     _matching(ema_buffers, buffers, "buffers")
     for name, buffer in buffers.items():

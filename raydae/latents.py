@@ -36,7 +36,7 @@ from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
 from raydae.pixels import model_input
 from raydae.progress import Progress, heartbeat
-from raydae.storage import RunFolder, filesystem
+from raydae.storage import RunFolder, filesystem, is_uri
 from raydae.tasks import encode_images, latent_signature
 
 MANIFEST = "manifest.json"
@@ -192,15 +192,16 @@ def latent_batches(split_uri: str, columns: tuple[str, ...] | None = None, max_r
     """The first `max_rows` rows (None: all) of a stored split's `columns` (None: all), in batches of numpy
     arrays, read with pyarrow alone: a Ray Data execution's start-up (4-10 s here) is longer than reading a
     few thousand latents."""
-    fs, path = filesystem(split_uri.rstrip("/"))
+    split_uri = split_uri.rstrip("/")
+    fs, path = filesystem(split_uri if is_uri(split_uri) else os.path.abspath(split_uri))
     parquet = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
     columns = tuple(columns or parquet.schema.names)
     scanner = parquet.scanner(columns=list(columns), batch_size=batch_size)
-    left = max_rows if max_rows is not None else parquet.count_rows()
+    left = float("inf") if max_rows is None else max_rows
     for record_batch in scanner.to_batches():
         if left <= 0:
             break
-        rows = record_batch.slice(0, left)
+        rows = record_batch if left >= record_batch.num_rows else record_batch.slice(0, int(left))
         left -= rows.num_rows
         if rows.num_rows:
             # Tensor columns are Ray's Arrow extension type (registered by importing ray.data): one array per row.

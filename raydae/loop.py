@@ -47,6 +47,8 @@ class StepWindow:
         self.waiting += waiting
         self.busy += busy
         for key, value in logs.items():
+            # In float32: a bf16 log (autocast) summed in bf16 stops growing at 256 (500 steps of 1.0 give 0.512).
+            value = value.detach().float() if isinstance(value, torch.Tensor) else value
             self.sums[key] = self.sums.get(key, 0.0) + value
 
     def means(self) -> dict[str, float]:
@@ -89,6 +91,10 @@ def _restore(task: Task, loop_config: dict, device: torch.device) -> tuple[dict 
     if state is not None:
         for name, opt in task.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            for group in opt.param_groups:  # the saved groups carry the kernel choice of the device they ran on
+                for kernel in ("fused", "foreach"):
+                    if kernel in opt.defaults:
+                        group[kernel] = opt.defaults[kernel]
     return state, checkpoint is not None
 
 

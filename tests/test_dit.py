@@ -305,6 +305,14 @@ def test_ema_update_matches_the_formula_exactly():
     assert all(p.requires_grad for p in model.parameters())  # the live model is untouched
 
 
+def test_ema_of_a_module_with_buffers_only_copies_them():
+    model = nn.BatchNorm1d(2, affine=False)
+    ema_model = ema_copy(model)
+    model.running_mean.fill_(3.0)
+    ema_update(ema_model, model, 0.9)
+    assert torch.equal(ema_model.running_mean, torch.full((2,), 3.0))
+
+
 def test_ema_decay_zero_copies_and_one_keeps():
     torch.manual_seed(0)
     model = Toy()

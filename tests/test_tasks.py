@@ -80,6 +80,11 @@ def test_train_steps_leave_their_logs_on_the_device_and_the_window_reads_them_on
     means = window.means()
     assert all(type(v) is float for v in means.values())
     assert means["loss/total"] == pytest.approx(sum(float(logs["loss/total"]) for logs in steps) / 3)
+    # Logs in bf16 (GAN losses under autocast) are summed in float32: in bf16, 500 ones would sum to 256.
+    window = StepWindow()
+    for _ in range(500):
+        window.add({"loss/discriminator": torch.tensor(1.0, dtype=torch.bfloat16)}, images=4, waiting=0.0, busy=0.1)
+    assert window.means()["loss/discriminator"] == 1.0
 
 
 def test_reconstruction_loss_falls_on_a_fixed_batch():

@@ -27,6 +27,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """How often each code was picked, as floats. (`torch.bincount` reads its maximum back to the host on a
+    GPU, a sync at every step; the size is known here.)"""
+    return torch.zeros(codebook_size, device=indices.device).index_add_(
+        0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
+
+
 class VectorQuantizer(nn.Module):
     def __init__(
         self,
@@ -111,7 +118,7 @@ class VectorQuantizer(nn.Module):
         z = quantized.detach() + (flat - flat.detach())
         z = z.view(b, height, width, self.dim).permute(0, 3, 1, 2).contiguous()
 
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        counts = _code_counts(indices, self.codebook_size)
         probs = counts / counts.sum()
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         stats = {
@@ -124,7 +131,7 @@ class VectorQuantizer(nn.Module):
     # ------------------------------------------------------------------ training-time updates
     @torch.no_grad()
     def _update(self, flat: Tensor, indices: Tensor) -> None:
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        counts = _code_counts(indices, self.codebook_size)
         sums = torch.zeros_like(self.embedding).index_add_(0, indices, flat) if self.ema else None
         if _distributed():
             dist.all_reduce(counts)

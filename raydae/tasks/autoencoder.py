@@ -226,12 +226,12 @@ class AutoencoderTask:
         use_gan = self.trained_discriminator is not None and step >= disc_cfg.start_step
         if use_gan:
             g_loss = hinge_g_loss(self.trained_discriminator(recon))
-            weight = torch.tensor(disc_cfg.weight, device=images.device)
+            weight = disc_cfg.weight  # a float: a tensor made from it each step would be a copy to the GPU
             if disc_cfg.adaptive_weight:
                 weight = weight * adaptive_gan_weight(rec_loss, g_loss, self.decoder.last_layer)
             loss = loss + weight * g_loss
             logs["loss/generator_adv"] = g_loss.detach()
-            logs["gan_weight"] = weight.detach()
+            logs["gan_weight"] = torch.as_tensor(weight).detach()
         optimizer_step(self.optimizers["autoencoder"], loss, self.trained_module.parameters(), train.grad_clip)
         logs["loss/total"] = loss.detach()
         for key, value in out.stats.items():
