@@ -36,7 +36,7 @@ from raydae.eval.latent_quality import latent_quality
 from raydae.models import build_bottleneck, build_encoder
 from raydae.pixels import model_input
 from raydae.progress import Progress, heartbeat
-from raydae.storage import RunFolder, filesystem, is_uri
+from raydae.storage import RunFolder, filesystem
 from raydae.tasks import encode_images, latent_signature
 
 MANIFEST = "manifest.json"
@@ -192,8 +192,7 @@ def latent_batches(split_uri: str, columns: tuple[str, ...] | None = None, max_r
     """The first `max_rows` rows (None: all) of a stored split's `columns` (None: all), in batches of numpy
     arrays, read with pyarrow alone: a Ray Data execution's start-up (4-10 s here) is longer than reading a
     few thousand latents."""
-    split_uri = split_uri.rstrip("/")
-    fs, path = filesystem(split_uri if is_uri(split_uri) else os.path.abspath(split_uri))
+    fs, path = filesystem(split_uri.rstrip("/"))
     parquet = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
     columns = tuple(columns or parquet.schema.names)
     scanner = parquet.scanner(columns=list(columns), batch_size=batch_size)

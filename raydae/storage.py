@@ -21,7 +21,7 @@ class RunFolder:
         self.storage = storage
         self.name = name
         self.uri = f"{storage.rstrip('/')}/{name}"
-        self.fs, self.path = filesystem(self.uri if not self.is_local else os.path.abspath(self.uri))
+        self.fs, self.path = filesystem(self.uri)
 
     def child(self, *parts: str) -> str:
         return "/".join([self.uri, *parts])
@@ -80,8 +80,9 @@ class RunFolder:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a path or URI and the path inside it: every read and write here goes through it."""
-    return pafs.FileSystem.from_uri(uri)
+    """The pyarrow filesystem of a path or URI and the path inside it: every read and write here goes through it.
+    A plain path may be relative (pyarrow wants it absolute)."""
+    return pafs.FileSystem.from_uri(uri if is_uri(uri) else os.path.abspath(uri))
 
 
 def is_uri(path: str) -> bool:
