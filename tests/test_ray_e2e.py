@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raydae.checkpoints import load_state
+from raydae.cli import main
 from raydae.config import load_config
 from raydae.errors import UserError
 from raydae.pipeline import RunOptions, run_pipeline
@@ -152,7 +153,12 @@ def test_vq_chain_rerun_after_a_failure_continues_then_writes_samples_and_skips_
     with pytest.raises(UserError, match="joint failed: RuntimeError: injected failure at step 3"):
         run_pipeline(config, options)
     assert not (run_dir / "DONE").exists() and not (run_dir / "joint.done.json").exists()
-    metrics = run_pipeline(config, options)
+    capsys.readouterr()
+    # The same command again, as a user types it (`raydae run`), continues it and ends with the run summary.
+    assert main(["run", "--preset", "tiny", "--storage", str(tmp_path), "--name", "chain",
+                 *(arg for override in overrides for arg in ("--set", override))]) == 0
+    assert f"run summary ({run_dir}, joint, " in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
     assert starts == [0, 2]  # the rerun began at the failed attempt's step-2 checkpoint, not at step 0
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0 and "eval" not in metrics
@@ -162,8 +168,6 @@ def test_vq_chain_rerun_after_a_failure_continues_then_writes_samples_and_skips_
 
 
 def test_eval_command_scores_a_finished_run_and_report_draws_it(dae_run, tmp_path, capsys):
-    from raydae.cli import main
-
     run_dir = dae_run[3]
     assert main(["eval", str(run_dir), "--set", "ae.latent_channels=3"]) == 2
     assert "only takes eval.* settings" in capsys.readouterr().err

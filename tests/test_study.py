@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -152,6 +153,18 @@ def test_study_file_checks():
             parse_sweep(_study(study={"arms": ARMS, "seeds": [0, 1], "baseline": "joint", "pairs": bad}))
 
 
+def test_the_table_names_each_arms_budget_and_decoders():
+    from raydae.sweep import arm_schedule
+
+    spec = parse_sweep(_study())
+    dae = arm_schedule(trial_config(spec, {ARM_KEY: "dae", SEED_KEY: 0}))
+    assert dae == {"mode": "dae", "total_ae_steps": 4, "final_decoder_steps": 2,
+                   "final_decoder": "w1 b1 d0", "aux_decoder": "w0.5 b1 d0"}
+    joint = arm_schedule(trial_config(spec, {ARM_KEY: "joint", SEED_KEY: 0}))
+    assert joint == {"mode": "joint", "total_ae_steps": 4, "final_decoder_steps": 4,
+                     "final_decoder": "w1 b1 d0", "aux_decoder": "-"}
+
+
 def test_shipped_study_files_parse():
     from pathlib import Path
 
@@ -163,33 +176,64 @@ def test_shipped_study_files_parse():
         assert load_sweep(str(path)).study, path
 
 
+# The Ray study: two joint arms (one fit per trial; DAE's two-stage chain is tested in test_ray_e2e), two seeds.
+E2E_ARMS = {"joint": {"label": "joint, 4 steps", "set": {"train.mode": "joint", "train.joint_steps": 4}},
+            "narrow": {"label": "joint, half-width decoder, 4 steps",
+                       "set": {"train.mode": "joint", "train.joint_steps": 4, "ae.decoder.width": 0.5}}}
+
+
+def _read_lines(stream, lines: list) -> None:
+    """(seconds on the monotonic clock, line) as the pipe delivers them."""
+    for raw in stream:
+        lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(480)
 def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session, tmp_path):
-    """The tiny study, with its driver killed once a trial has finished: `--resume` runs the rest, not that one."""
+    """The tiny study, with its driver killed once a trial has finished: `--resume` runs the rest, not that one.
+
+    The driver's console is a pipe (`raydae study ... | tee log`): its progress lines arrive as they happen."""
     from raydae.sweep import run_sweep
 
+    base = {"preset": "tiny", "set": {"train.checkpoint_every": 100, "train.log_every": 2}}
+    spec = _study(base=base, study={"arms": E2E_ARMS, "seeds": [0, 1], "baseline": "joint",
+                                    "metrics": ["final_decoder.val_mse", "final_decoder.val_psnr"]})
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(_study()))
+    path.write_text(yaml.safe_dump(spec))
     storage = tmp_path / "studies"
     runs = storage / "st" / "runs"
     # A driver in its own process, on the shared cluster, killed once the first trial has finished
-    # (with three trials at a time, the others are then mid-way and must continue on resume).
+    # (three trials at a time: the fourth has not started, so resume must run it).
     address = ray_session.get_runtime_context().gcs_address
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)  # line-by-line output must not depend on it
     driver = subprocess.Popen(
         [sys.executable, "-m", "raydae.cli", "study", str(path), "--storage", str(storage), "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
+    lines: list = []
+    reader = threading.Thread(target=_read_lines, args=(driver.stdout, lines), daemon=True)
+    reader.start()
     try:
         deadline = time.time() + 300
         while not list(runs.glob("*/DONE")) and driver.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.2)
+        first_done = time.monotonic()
         finished = list(runs.glob("*/DONE"))
-        assert finished, "no trial finished before the driver was killed"
+        assert finished, "no trial finished before the driver was killed\n" + "\n".join(line for _, line in lines)
         time.sleep(2)  # let Tune record the trial as finished
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+        reader.join(timeout=10)
+    text = "\n".join(line for _, line in lines)
+    # A trial's step line crossed the pipe before its fit ended (its checkpoint, shutdown and DONE take seconds);
+    # a block-buffered console would hold it until the driver exits, and a killed driver never flushes.
+    steps = [t for t, line in lines if "[joint] step" in line]
+    assert steps and steps[0] < first_done, text
+    # Ray's own harmless noise stays off the console: the cleaner's GCS traceback, the progress-bar notice.
+    assert [line for _, line in lines if "Traceback" in line or "Progress bars disabled" in line] == [], text
     finished = {done: done.stat().st_mtime for done in runs.glob("*/DONE")}
     assert len(finished) < 4
 
@@ -198,18 +242,18 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     assert all(done.stat().st_mtime == mtime for done, mtime in finished.items())  # not run again
     assert len(list(runs.glob("*/DONE"))) == 4
     (block,) = summary["study"]["groups"]
-    for arm in ("joint", "dae"):
+    for arm in E2E_ARMS:
         assert block["arms"][arm]["seeds"] == [0, 1]
         mse = block["arms"][arm]["metrics"]["final_decoder.val_mse"]
         assert mse["n"] == 2 and all(0 < v < 1 for v in mse["values"].values())
-    diff = block["arms"]["dae"]["differences"]["final_decoder.val_mse"]
-    values = {arm: block["arms"][arm]["metrics"]["final_decoder.val_mse"]["values"] for arm in ARMS}
-    assert diff["diff_mean"] == pytest.approx(sum(values["dae"][s] - values["joint"][s] for s in (0, 1)) / 2)
+    diff = block["arms"]["narrow"]["differences"]["final_decoder.val_mse"]
+    values = {arm: block["arms"][arm]["metrics"]["final_decoder.val_mse"]["values"] for arm in E2E_ARMS}
+    assert diff["diff_mean"] == pytest.approx(sum(values["narrow"][s] - values["joint"][s] for s in (0, 1)) / 2)
     text = (storage / "st" / "study.md").read_text()
-    assert "| dae | DAE half-width aux, 2+2 steps | 4 | 2 | w1 b1 d0 | w0.5 b1 d0 |" in text
+    assert "| narrow | joint, half-width decoder, 4 steps | 4 | 4 | w0.5 b1 d0 |" in text
     assert "**final_decoder.val_psnr**" in text
     assert (storage / "st" / "study.json").exists() and (storage / "st" / "study.png").exists()
     assert "](study.png)" in text
-    path.write_text(yaml.safe_dump(_study(max_concurrent=1)))
+    path.write_text(yaml.safe_dump({**spec, "max_concurrent": 1}))
     with pytest.raises(UserError, match="different sweep file"):
         run_sweep(str(path), storage=str(storage))
