@@ -196,8 +196,9 @@ class GeneratorTrainConfig:
     # report their Fréchet distance to real images (`probe/fd`) in the evaluation's feature space. 0: off.
     probe_samples: int = 256
     probe_sample_steps: int = 10
-    # Latent sets up to this size are held in Ray's object store, so each epoch restarts without reading
-    # Parquet again (that restart was ~10% of a tiny DiT's step time); larger sets stream from Parquet.
+    # Latent sets up to this size are read once by the driver (a Parquet file at a time) into Ray's object
+    # store, so each epoch restarts without reading Parquet again (that restart was ~10% of a tiny DiT's step
+    # time); larger sets stream from Parquet.
     cache_latents_gb: float = 4.0
 
 

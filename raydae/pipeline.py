@@ -227,9 +227,8 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
             latent_facts["latent_std"] = manifest["latent_std"]
         check_batch_size("generator_train.batch_size", config.generator_train.batch_size,
                          manifest["counts"]["train"], f"the training latents at {latents['uri']}")
-        train = read_latents(latents["uri"], "train")
-        if latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb:
-            train = train.materialize()
+        cached = latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb
+        train = read_latents(latents["uri"], "train", in_memory=cached)
         if config.data.shuffle_buffer > 0:
             train = train.randomize_block_order(seed=config.data.seed)
         datasets = {"train": train}  # the held-out latents are read by rank 0 alone, at the end (loop.py)

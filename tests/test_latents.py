@@ -7,7 +7,7 @@ import torch
 from raydae.checkpoints import save_training_state
 from raydae.config import load_config
 from raydae.data import build_datasets
-from raydae.latents import encode_dataset, encoder_key, latent_batches, measure_latent_std, read_latents
+from raydae.latents import EncodeBatch, encode_dataset, encoder_key, latent_batches, measure_latent_std, read_latents
 from raydae.pixels import model_input
 from raydae.tasks import AutoencoderTask
 
@@ -22,12 +22,38 @@ def _checkpoint(tmp_path, config):
     return str(folder), task
 
 
+def _direct_encoding(task, images: torch.Tensor, bottleneck: str) -> np.ndarray:
+    with torch.no_grad():
+        h = task.encoder(images)
+        if bottleneck == "vq":
+            return task.bottleneck.encode_indices(h).flatten(1).numpy()
+        return task.bottleneck.encode(h)[0].flatten(1).numpy()
+
+
+@pytest.mark.parametrize("bottleneck", ["kl", "vq"])
+def test_the_encoding_actor_writes_what_the_encoder_gives(tmp_path, bottleneck):
+    """Ray Data's map function on its own (the Ray round trip below runs the KL case; the VQ chain's e2e test
+    trains its prior on stored codes)."""
+    config = load_config("tiny", overrides=[f"ae.bottleneck={bottleneck}"])
+    checkpoint, task = _checkpoint(tmp_path, config)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 3, 16, 16), dtype=np.uint8)
+    out = EncodeBatch(checkpoint)({"image": pixels, "label": np.arange(5)})
+    direct = _direct_encoding(task, model_input(torch.tensor(pixels)), bottleneck)
+    assert out["label"].dtype == np.int64 and list(out["label"]) == [0, 1, 2, 3, 4]
+    if bottleneck == "vq":
+        assert set(out) == {"label", "codes"} and out["codes"].dtype == np.int64
+        np.testing.assert_array_equal(out["codes"], direct)
+    else:
+        assert set(out) == {"label", "mean", "logvar"} and out["mean"].dtype == np.float32
+        assert out["logvar"].shape == out["mean"].shape == direct.shape
+        np.testing.assert_allclose(out["mean"], direct, rtol=0, atol=1e-6)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("bottleneck", ["kl", "vq"])
-def test_latents_round_trip_and_are_reused(ray_session, tmp_path, bottleneck):
-    config = load_config("tiny", overrides=[f"ae.bottleneck={bottleneck}", "data.train_size=40",
-                                            "data.val_size=12", "data.shuffle_buffer=0"])
+def test_latents_round_trip_and_are_reused(ray_session, tmp_path):
+    bottleneck = "kl"
+    config = load_config("tiny", overrides=["data.train_size=40", "data.val_size=12", "data.shuffle_buffer=0"])
     checkpoint, task = _checkpoint(tmp_path, config)
     state = torch.load(f"{checkpoint}/state.pt", weights_only=False)
     bundle = build_datasets(config.data)
@@ -39,30 +65,27 @@ def test_latents_round_trip_and_are_reused(ray_session, tmp_path, bottleneck):
     # Compare the stored latents with a direct encoding of the same images (matched by label order
     # is not enough: rows may be reordered, so compare as sorted sets of rows).
     images = torch.cat([model_input(torch.tensor(b["image"])) for b in bundle.val.iter_batches(batch_format="numpy")])
-    with torch.no_grad():
-        h = task.encoder(images)
-        if bottleneck == "vq":
-            direct = task.bottleneck.encode_indices(h).flatten(1).numpy()
-        else:
-            direct = task.bottleneck.encode(h)[0].flatten(1).numpy()
+    direct = _direct_encoding(task, images, bottleneck)
     stored = read_latents(first.uri, "val").to_pandas()
-    column = "codes" if bottleneck == "vq" else "mean"
+    column = "mean"
     values = np.stack(stored[column].to_numpy())
-    assert values.shape == direct.shape
-    assert values.dtype == (np.int64 if bottleneck == "vq" else np.float32)
+    assert values.shape == direct.shape and values.dtype == np.float32
     key = lambda a: np.lexsort(a.T[::-1])  # noqa: E731 - row order for comparison
     np.testing.assert_allclose(values[key(values)], direct[key(direct)], rtol=0, atol=1e-5)
+    # Read into memory by this process (a small set's path into training): the same rows, the same types.
+    held = read_latents(first.uri, "val", in_memory=True).to_pandas()
+    np.testing.assert_array_equal(np.stack(held[column].to_numpy()), values)
+    assert list(held.columns) == list(stored.columns) and held["label"].dtype == stored["label"].dtype
     # The pyarrow reader (no Ray Data) gives the same rows in the same order, and max_rows cuts them.
     (read,) = latent_batches(f"{first.uri}/val", (column, "label"))
     np.testing.assert_array_equal(read[column], values)
     np.testing.assert_array_equal(read["label"], stored["label"].to_numpy())
     assert sum(len(b["label"]) for b in latent_batches(f"{first.uri}/train", ("label",), 25, batch_size=10)) == 25
-    if bottleneck == "kl":
-        # The manifest's std is that of latents sampled from the stored posteriors (all 40 train rows).
-        (train,) = latent_batches(f"{first.uri}/train", ("mean", "logvar"))
-        z = train["mean"] + np.exp(0.5 * train["logvar"]) * np.random.default_rng(0).standard_normal(train["mean"].shape)
-        assert first.manifest["latent_std"] == pytest.approx(measure_latent_std(f"{first.uri}/train", seed=0))
-        assert first.manifest["latent_std"] == pytest.approx(z.std(), rel=1e-6)
+    # The manifest's std is that of latents sampled from the stored posteriors (all 40 train rows).
+    (train,) = latent_batches(f"{first.uri}/train", ("mean", "logvar"))
+    z = train["mean"] + np.exp(0.5 * train["logvar"]) * np.random.default_rng(0).standard_normal(train["mean"].shape)
+    assert first.manifest["latent_std"] == pytest.approx(measure_latent_std(f"{first.uri}/train", seed=0))
+    assert first.manifest["latent_std"] == pytest.approx(z.std(), rel=1e-6)
 
     again = encode_dataset(config, checkpoint, state, bundle, str(tmp_path / "store"))
     assert again.reused and again.uri == first.uri

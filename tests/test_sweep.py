@@ -124,7 +124,9 @@ def test_asha_stops_the_worse_trial_which_releases_its_resources(ray_session, tm
     # large that Adam throws the DiT's weights about: its samples are not finite from step 6) reaches the
     # rung at step 6 after the first, and its sample probe is far worse.
     # Reports (each ~2 s, with a sample probe) only where ASHA decides: its rung at step 6, and the end at 8.
-    base = {**TINY_BASE, "set": {**TINY_BASE["set"], "generator_train.checkpoint_every": 6}}
+    # The probe scores in random features (eval.classifier_steps=0 trains no classifier): any space ranks a
+    # diverged generator last.
+    base = {**TINY_BASE, "set": {**TINY_BASE["set"], "generator_train.checkpoint_every": 6, "eval.classifier_steps": 0}}
     spec = _sweep(base=base, search={"generator_train.lr": {"grid": [1e-3, 0.5]}},
                   scheduler={"type": "asha", "grace_period": 6, "reduction_factor": 2}, max_concurrent=1)
     before = frozenset(line.split()[0] for line in _train_processes(timeout=0))  # earlier tests' idle actors
