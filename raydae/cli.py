@@ -141,6 +141,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(load_config(args.preset, args.config, args.overrides).to_yaml(), end="")
         return 0
+    if args.command == "run":
+        # A mistake in the config is answered before torch and Ray load (seconds of imports).
+        args.run_config = load_config(args.preset, args.config, args.overrides)
     commands = importlib.import_module(HEAVY_COMMANDS_MODULE)
     return getattr(commands, HEAVY_COMMANDS[args.command])(args)
 

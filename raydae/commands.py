@@ -10,7 +10,6 @@ import json
 
 # First: importing it sets Ray's logging settings, which Ray reads when it is imported (below, through pipeline).
 from raydae import ray_env  # noqa: F401, I001
-from raydae.config import load_config
 from raydae.data.pack import pack_folder
 from raydae.errors import UserError
 from raydae.pipeline import RunOptions, evaluate_folder, run_pipeline
@@ -22,7 +21,7 @@ from raydae.sweep_spec import load_sweep
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = args.run_config  # loaded and checked by the CLI before this module's imports
     run_options = RunOptions(storage=args.storage, name=args.name, resume=args.resume,
                              overwrite=args.overwrite, address=args.address, stage1_from=args.stage1_from)
     metrics = run_pipeline(config, run_options)

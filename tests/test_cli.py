@@ -52,6 +52,14 @@ def test_every_entry_point_reports_an_unknown_key(entry, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_config_mistake_is_answered_before_torch_and_ray_load(tmp_path):
+    probe = ("import sys; from raydae.cli import main; "
+             "code = main(['run', '--preset', 'tiny', '--set', 'ae.latent_chanels=3']); "
+             "print(code, 'torch' in sys.modules, 'ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+
+
 def test_run_py_works_as_a_lone_file(tmp_path):
     """`ray submit` copies only raydae/run.py to the head node: it must import the installed package."""
     lone = tmp_path / "run.py"

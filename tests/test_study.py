@@ -197,14 +197,14 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     from raydae.sweep import run_sweep
 
     base = {"preset": "tiny", "set": {"train.checkpoint_every": 100, "train.log_every": 2}}
-    spec = _study(base=base, study={"arms": E2E_ARMS, "seeds": [0, 1], "baseline": "joint",
-                                    "metrics": ["final_decoder.val_mse", "final_decoder.val_psnr"]})
+    spec = _study(base=base, max_concurrent=2, study={"arms": E2E_ARMS, "seeds": [0, 1], "baseline": "joint",
+                                                      "metrics": ["final_decoder.val_mse", "final_decoder.val_psnr"]})
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     storage = tmp_path / "studies"
     runs = storage / "st" / "runs"
     # A driver in its own process, on the shared cluster, killed once the first trial has finished
-    # (three trials at a time: the fourth has not started, so resume must run it).
+    # (two trials at a time: the other two have not started, so resume must run them).
     address = ray_session.get_runtime_context().gcs_address
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)  # line-by-line output must not depend on it
@@ -232,10 +232,10 @@ def test_two_arm_two_seed_study_end_to_end_survives_a_killed_driver(ray_session,
     # a block-buffered console would hold it until the driver exits, and a killed driver never flushes.
     steps = [t for t, line in lines if "[joint] step" in line]
     assert steps and steps[0] < first_done, text
-    # Ray's own harmless noise stays off the console: the cleaner's GCS traceback, the progress-bar notice.
-    assert [line for _, line in lines if "Traceback" in line or "Progress bars disabled" in line] == [], text
+    # Ray's own harmless noise stays off the console: the placement-group cleaner's lines, the progress-bar notice.
+    assert [line for _, line in lines if "PlacementGroupCleaner" in line or "Progress bars disabled" in line] == [], text
     finished = {done: done.stat().st_mtime for done in runs.glob("*/DONE")}
-    assert len(finished) < 4
+    assert 1 <= len(finished) <= 2
 
     summary = run_sweep(str(path), resume=True, storage=str(storage))
     assert [row["status"] for row in summary["trials"]] == ["finished"] * 4
