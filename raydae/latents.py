@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import uuid
@@ -41,6 +42,7 @@ from raydae.tasks import encode_images, latent_signature
 
 MANIFEST = "manifest.json"
 FORMAT = "raydae-latents-v1"
+ENCODE_BATCH = 256  # images per encoder call in the Ray Data actors
 
 
 def encoder_key(state: dict, config: Config) -> str:
@@ -121,6 +123,8 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
     # encoding the same key at once cannot mix or delete each other's shards.
     attempt = uuid.uuid4().hex[:12]
     for split, dataset in (("train", bundle.train), ("val", bundle.val)):
+        counts[split] = bundle.num_train if split == "train" else bundle.num_val
+        actors = max(1, min(scaling.num_workers, math.ceil(counts[split] / ENCODE_BATCH)))  # no idle actor
         # max_restarts has no named parameter in Ray Data 2.60 and goes through ray_remote_args, which warns
         # that it is deprecated (removed in 2.64; constraints.txt pins 2.60): the warning is Ray's, not the user's.
         with warnings.catch_warnings():
@@ -128,8 +132,8 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
             encoded = dataset.map_batches(
                 EncodeBatch,
                 fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": scaling.use_gpu},
-                batch_size=256,
-                compute=ray.data.ActorPoolStrategy(size=max(1, scaling.num_workers)),
+                batch_size=ENCODE_BATCH,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 # Ray Data restarts a dead actor by default, but these actors' constructor arguments live in the
                 # object store, where Ray cannot promise them for a restart (it logs an error for every encoding).
                 # An encoding that fails is redone whole by the next run: the manifest is written last.
@@ -137,7 +141,6 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
                 num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0,
                 num_cpus=1,
             )
-        counts[split] = bundle.num_train if split == "train" else bundle.num_val
         target = folder.child(attempt, split)
         heartbeat("latents", f"encoding the {split} split ({counts[split]} images)",
                   lambda: encoded.write_parquet(target), status=_shards_written(folder, target))
