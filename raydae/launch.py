@@ -45,7 +45,10 @@ GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head n
 HARMLESS_ACTORS = ("PlacementGroupCleaner",)
 HARMLESS_LINE_STARTS = ("Progress bars disabled.", "Reporting training result ")
 HARMLESS_TRACEBACK_STARTS = ("Failed to stop PlacementGroupCleaner gracefully.",
-                            "Failed to register placement group with cleaner")
+                            "Failed to register placement group with cleaner",
+                            # a finished Tune trial's actor stopped by SIGTERM while Python ran a WeakSet
+                            # callback: Ray's handler raises SystemExit inside it
+                            "Exception ignored in: <function WeakSet.__init__.<locals>._remove")
 
 
 def connect(address: str | None = None, config: Config | None = None) -> bool:
@@ -143,8 +146,9 @@ class HarmlessLineFilter:
             self._in_traceback.add(pid)
             return True
         if pid in self._in_traceback:
-            # A traceback: its header, indented frames and ^^^ markers, then the exception's own line, the last.
-            if not (text.startswith("Traceback (most recent call last)") or line[:1].isspace()):
+            # A traceback: its header, indented frames, ^^^ markers and blank lines, then the exception's own
+            # line, the last.
+            if not (text.startswith("Traceback (most recent call last)") or line[:1].isspace() or not text):
                 self._in_traceback.discard(pid)
             return True
         return text.startswith(HARMLESS_LINE_STARTS)

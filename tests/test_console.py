@@ -137,12 +137,22 @@ def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed(
                     "lines": ["Failed to register placement group with cleaner: The actor died unexpectedly.",
                               "\tclass_name: PlacementGroupCleaner", "\tpid: 25902",
                               "The actor is dead because its worker process has died."]}
+    # A finished Tune trial's actor, stopped by SIGTERM inside a WeakSet callback (Ray's handler raises SystemExit).
+    stopped_trial = {"actor_name": "run_trial", "pid": 9, "is_err": True,
+                     "lines": ["Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f4a3836e480>",
+                               "Traceback (most recent call last):",
+                               '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove',
+                               "    def _remove(item, selfref=ref(self)):", "",
+                               '  File "ray/_private/worker.py", line 1063, in sigterm_handler',
+                               "    raise_sys_exit_with_custom_error_message(", "SystemExit: 1",
+                               "[generator] a line of its own"]}
     printed = []
     print_worker_lines = _filtered(printed.append)
-    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest, unregistered):
+    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest, unregistered, stopped_trial):
         print_worker_lines(batch)
     assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]},
-                       {**controller_rest, "lines": ["ValueError: the next real error"]}]
+                       {**controller_rest, "lines": ["ValueError: the next real error"]},
+                       {**stopped_trial, "lines": ["[generator] a line of its own"]}]
     assert _filtered(print_worker_lines) is print_worker_lines  # wrapped once, however often Ray is connected
 
 
