@@ -12,7 +12,7 @@ from raydae.errors import UserError
 
 # The commands that need torch or Ray: command -> its function in raydae/commands.py. That module is
 # imported by name, and only when one of them runs, so `raydae presets` and `raydae config` start without
-# loading torch and Ray (a tenth of a second instead of seconds).
+# loading torch and Ray (a tenth of a second instead of seconds); `raydae run` checks its config before it.
 HEAVY_COMMANDS_MODULE = "raydae.commands"
 HEAVY_COMMANDS = {"run": "run", "sample": "sample", "eval": "evaluate", "sweep": "sweep", "study": "sweep",
                   "report": "report", "data": "pack"}
