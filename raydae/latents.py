@@ -195,8 +195,7 @@ def latent_batches(split_uri: str, columns: tuple[str, ...] | None = None, max_r
     """The first `max_rows` rows (None: all) of a stored split's `columns` (None: all), in batches of numpy
     arrays, read with pyarrow alone: a Ray Data execution's start-up (4-10 s here) is longer than reading a
     few thousand latents."""
-    fs, path = filesystem(split_uri.rstrip("/"))
-    parquet = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
+    parquet = _parquet_split(split_uri)
     columns = tuple(columns or parquet.schema.names)
     scanner = parquet.scanner(columns=list(columns), batch_size=batch_size)
     left = float("inf") if max_rows is None else max_rows
@@ -217,10 +216,14 @@ def read_latents(uri: str, split: str, in_memory: bool = False):
     path = f"{uri.rstrip('/')}/{split}"
     if not in_memory:
         return ray.data.read_parquet(path)
-    fs, local = filesystem(path)
-    fragments = sorted(pyarrow.dataset.dataset(local, filesystem=fs, format="parquet").get_fragments(),
-                       key=lambda fragment: fragment.path)
+    fragments = sorted(_parquet_split(path).get_fragments(), key=lambda fragment: fragment.path)
     return ray.data.from_arrow_refs([ray.put(fragment.to_table()) for fragment in fragments])
+
+
+def _parquet_split(split_uri: str) -> pyarrow.dataset.Dataset:
+    """A stored split's Parquet files, opened with pyarrow on whatever storage holds them."""
+    fs, path = filesystem(split_uri.rstrip("/"))
+    return pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
 
 
 def measure_latent_space(autoencoder_uri: str, image_set: dict, limit: int, *, use_gpu: bool,
