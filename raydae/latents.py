@@ -43,6 +43,10 @@ from raydae.tasks import encode_images, latent_signature
 MANIFEST = "manifest.json"
 FORMAT = "raydae-latents-v1"
 ENCODE_BATCH = 256  # images per encoder call in the Ray Data actors
+# A cached split up to this size is read by the driver with pyarrow, a Parquet file a block: a read_parquet
+# execution's start-up (6-11 s here for 256 latents) costs more than the read. A larger one stays a distributed
+# read, so that no driver (nor a Ray Client on a laptop) downloads the set and uploads it again.
+DRIVER_READ_BYTES = 64 * 2**20
 
 
 def encoder_key(state: dict, config: Config) -> str:
@@ -115,7 +119,9 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
     folder = latent_folder(storage, key)
     if folder.exists(MANIFEST):
         manifest = folder.read_json(MANIFEST)
-        return LatentSet(manifest["shards"], manifest, reused=True)
+        if latents_stored(manifest["shards"]):
+            return LatentSet(manifest["shards"], manifest, reused=True)
+        print(f"[latents] the stored latents {manifest['shards']} are gone; encoding them again", flush=True)
     scaling = config.scaling
     started = time.time()
     counts = {}
@@ -160,6 +166,11 @@ def encode_dataset(config: Config, checkpoint_uri: str, state: dict, bundle, sto
                                                     expected_rows=counts["train"])
     folder.write_json(MANIFEST, manifest)  # written last: its presence means the set is complete
     return LatentSet(manifest["shards"], manifest, reused=False)
+
+
+def latents_stored(uri: str) -> bool:
+    """Whether both splits of a latent set are still in storage (a user may have deleted them to free space)."""
+    return all(RunFolder.from_path(uri).exists(split) for split in ("train", "val"))
 
 
 def _shards_written(folder: RunFolder, target: str):
@@ -209,14 +220,17 @@ def latent_batches(split_uri: str, columns: tuple[str, ...] | None = None, max_r
             yield {name: np.stack(rows.column(name).to_numpy(zero_copy_only=False)) for name in columns}
 
 
-def read_latents(uri: str, split: str, in_memory: bool = False):
-    """A stored split as a Ray Dataset. `in_memory`: read here with pyarrow, a Parquet file at a time, straight
-    into the object store (one block per file, as read_parquet makes them): for a set small enough to cache,
-    a read_parquet execution's start-up (6-11 s here for 256 latents) costs more than the read itself."""
+def read_latents(uri: str, split: str, cache: bool = False):
+    """A stored split as a Ray Dataset: streamed from storage, or (`cache`) read once into the object store
+    and reused every epoch."""
     path = f"{uri.rstrip('/')}/{split}"
-    if not in_memory:
+    if not cache:
         return ray.data.read_parquet(path)
-    fragments = sorted(_parquet_split(path).get_fragments(), key=lambda fragment: fragment.path)
+    parquet = _parquet_split(path)
+    fragments = sorted(parquet.get_fragments(), key=lambda fragment: fragment.path)  # read_parquet's order
+    stored = sum(info.size for info in parquet.filesystem.get_file_info([f.path for f in fragments]))
+    if stored > DRIVER_READ_BYTES:
+        return ray.data.read_parquet(path).materialize()
     return ray.data.from_arrow_refs([ray.put(fragment.to_table()) for fragment in fragments])
 
 

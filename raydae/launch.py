@@ -124,32 +124,39 @@ def _runtime_env_naming(address: str) -> dict:
 
 class HarmlessLineFilter:
     """Removes Ray's own harmless lines from batches of worker output (as Ray's log monitor sends them to the
-    driver); a harmless message's traceback may arrive in later batches, so it keeps state per process."""
+    driver); a harmless message's traceback may arrive in later batches, so it keeps state per output stream."""
 
     def __init__(self):
-        self._in_traceback: set = set()  # pids whose harmless traceback is still going on
+        # Output streams (pid, stderr?) inside a harmless message: "opened" right after its first line (a
+        # one-line message ends at the next unindented line, which is kept), "traceback" once it goes on.
+        self._open: dict = {}
 
     def __call__(self, batch: dict) -> dict | None:
         """The batch without harmless lines; None when nothing is left to print."""
         if batch.get("actor_name") in HARMLESS_ACTORS:
             return None
-        pid = batch.get("pid")
+        stream = (batch.get("pid"), batch.get("is_err"))
         lines = batch.get("lines", [])
-        kept = [line for line in lines if not self._harmless(pid, line)]
+        kept = [line for line in lines if not self._harmless(stream, line)]
         if len(kept) == len(lines):
             return batch
         return {**batch, "lines": kept} if any(line.strip() for line in kept) else None
 
-    def _harmless(self, pid, line: str) -> bool:
+    def _harmless(self, stream, line: str) -> bool:
         text = line.lstrip()
         if text.startswith(HARMLESS_TRACEBACK_STARTS):
-            self._in_traceback.add(pid)
+            self._open[stream] = "opened"
             return True
-        if pid in self._in_traceback:
-            # A traceback: its header, indented frames, ^^^ markers and blank lines, then the exception's own
-            # line, the last.
-            if not (text.startswith("Traceback (most recent call last)") or line[:1].isspace() or not text):
-                self._in_traceback.discard(pid)
+        state = self._open.get(stream)
+        # What goes on a message: a traceback's header, indented frames and details, ^^^ markers, blank lines.
+        goes_on = text.startswith("Traceback (most recent call last)") or line[:1].isspace() or not text
+        if state == "opened" and not goes_on:
+            del self._open[stream]  # a one-line message: this line is not part of it
+        elif state is not None:
+            if not goes_on:  # the exception's own line, the message's last
+                del self._open[stream]
+            else:
+                self._open[stream] = "traceback"
             return True
         return text.startswith(HARMLESS_LINE_STARTS)
 

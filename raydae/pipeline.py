@@ -28,7 +28,7 @@ from raydae.checkpoints import check_checkpoint, load_checkpoint_state, load_gen
 from raydae.config import Config, apply_override, validate
 from raydae.data import BAD_FILES_NAME, bad_files_text, build_datasets, check_source, training_dataset
 from raydae.errors import UserError
-from raydae.latents import encode_dataset, measure_latent_space, read_latents
+from raydae.latents import encode_dataset, latents_stored, measure_latent_space, read_latents
 from raydae.probe import reference_from_features
 from raydae.progress import heartbeat
 from raydae.sampling import save_grid
@@ -206,9 +206,10 @@ def _measure_latents(config: Config, run: RunFolder, bundle, autoencoder_checkpo
 
 def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoint: str, options: RunOptions) -> dict:
     """Latents (once per encoder and data) -> the generator stage -> a grid of samples in the run folder."""
-    if run.exists("latents.done.json"):
-        latents = run.read_json("latents.done.json")
-    else:
+    latents = run.read_json("latents.done.json") if run.exists("latents.done.json") else None
+    if latents and not run.exists("generator.done.json") and not latents_stored(latents["uri"]):
+        latents = None  # deleted since: encode_dataset says so and encodes them again
+    if latents is None:
         state = load_checkpoint_state(autoencoder_checkpoint)
         t0 = time.time()
         latent_set = encode_dataset(config, autoencoder_checkpoint, state, bundle, run.storage)
@@ -227,8 +228,8 @@ def _run_generator(config: Config, run: RunFolder, bundle, autoencoder_checkpoin
             latent_facts["latent_std"] = manifest["latent_std"]
         check_batch_size("generator_train.batch_size", config.generator_train.batch_size,
                          manifest["counts"]["train"], f"the training latents at {latents['uri']}")
-        cached = latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb
-        train = read_latents(latents["uri"], "train", in_memory=cached)
+        train = read_latents(latents["uri"], "train",
+                             cache=latent_set_gigabytes(manifest) <= config.generator_train.cache_latents_gb)
         if config.data.shuffle_buffer > 0:
             train = train.randomize_block_order(seed=config.data.seed)
         datasets = {"train": train}  # the held-out latents are read by rank 0 alone, at the end (loop.py)

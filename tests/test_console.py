@@ -146,13 +146,20 @@ def test_rays_own_harmless_worker_lines_are_dropped_and_everything_else_printed(
                                '  File "ray/_private/worker.py", line 1063, in sigterm_handler',
                                "    raise_sys_exit_with_custom_error_message(", "SystemExit: 1",
                                "[generator] a line of its own"]}
+    # The same process's stdout, between two batches of its stderr traceback: neither ends nor joins it.
+    controller_stdout = {"actor_name": "TrainController", "pid": 7, "is_err": False, "lines": ["[stage1] done"]}
+    # A harmless message of one line: the next unindented line is not part of it.
+    one_line = {"actor_name": "TrainController", "pid": 10, "is_err": True,
+                "lines": ["Failed to register placement group with cleaner: timed out.", "ValueError: kept"]}
     printed = []
     print_worker_lines = _filtered(printed.append)
-    for batch in (cleaner, progress_bars, step, mixed, controller, controller_rest, unregistered, stopped_trial):
+    for batch in (cleaner, progress_bars, step, mixed, controller, controller_stdout, controller_rest, unregistered,
+                  stopped_trial, one_line):
         print_worker_lines(batch)
-    assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]},
+    assert printed == [step, {**mixed, "lines": ["ValueError: a real error"]}, controller_stdout,
                        {**controller_rest, "lines": ["ValueError: the next real error"]},
-                       {**stopped_trial, "lines": ["[generator] a line of its own"]}]
+                       {**stopped_trial, "lines": ["[generator] a line of its own"]},
+                       {**one_line, "lines": ["ValueError: kept"]}]
     assert _filtered(print_worker_lines) is print_worker_lines  # wrapped once, however often Ray is connected
 
 

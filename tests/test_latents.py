@@ -1,13 +1,19 @@
 """Latents are written once per encoder (and data), round-trip exactly, and are reused."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
+import ray.data
 import torch
 
 from raydae.checkpoints import save_training_state
 from raydae.config import load_config
 from raydae.data import build_datasets
-from raydae.latents import EncodeBatch, encode_dataset, encoder_key, latent_batches, measure_latent_std, read_latents
+from raydae import latents
+from raydae.latents import (DRIVER_READ_BYTES, EncodeBatch, encode_dataset, encoder_key, latent_batches,
+                            latents_stored, measure_latent_std, read_latents)
 from raydae.pixels import model_input
 from raydae.tasks import AutoencoderTask
 
@@ -72,10 +78,6 @@ def test_latents_round_trip_and_are_reused(ray_session, tmp_path):
     assert values.shape == direct.shape and values.dtype == np.float32
     key = lambda a: np.lexsort(a.T[::-1])  # noqa: E731 - row order for comparison
     np.testing.assert_allclose(values[key(values)], direct[key(direct)], rtol=0, atol=1e-5)
-    # Read into memory by this process (a small set's path into training): the same rows, the same types.
-    held = read_latents(first.uri, "val", in_memory=True).to_pandas()
-    np.testing.assert_array_equal(np.stack(held[column].to_numpy()), values)
-    assert list(held.columns) == list(stored.columns) and held["label"].dtype == stored["label"].dtype
     # The pyarrow reader (no Ray Data) gives the same rows in the same order, and max_rows cuts them.
     (read,) = latent_batches(f"{first.uri}/val", (column, "label"))
     np.testing.assert_array_equal(read[column], values)
@@ -89,6 +91,31 @@ def test_latents_round_trip_and_are_reused(ray_session, tmp_path):
 
     again = encode_dataset(config, checkpoint, state, bundle, str(tmp_path / "store"))
     assert again.reused and again.uri == first.uri
+    shutil.rmtree(f"{first.uri}/train")  # a user freeing space: the set is encoded again, not "reused" half-gone
+    redone = encode_dataset(config, checkpoint, state, bundle, str(tmp_path / "store"))
+    assert not redone.reused and redone.uri != first.uri and latents_stored(redone.uri)
+    assert not latents_stored(first.uri)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("driver_read_bytes", [DRIVER_READ_BYTES, 0], ids=["read-by-driver", "read-by-ray-data"])
+def test_a_cached_split_holds_the_stored_rows_in_order_with_their_types(ray_session, tmp_path, monkeypatch,
+                                                                        driver_read_bytes):
+    """Both ways a cached training split is read (pyarrow in the driver when small, read_parquet otherwise) hold
+    every stored row once, with its own label, in read_parquet's schema, over several Parquet files (row order
+    across files is not read_parquet's: its read tasks interleave the files)."""
+    monkeypatch.setattr(latents, "DRIVER_READ_BYTES", driver_read_bytes)
+    rng = np.random.default_rng(0)
+    means, labels = rng.standard_normal((30, 2, 4, 4)).astype(np.float32), np.arange(30)
+    ray.data.from_items([{"mean": mean, "label": label} for mean, label in zip(means, labels)]) \
+        .repartition(3).write_parquet(str(tmp_path / "set" / "train"))
+    assert len(os.listdir(tmp_path / "set" / "train")) == 3
+    cached = read_latents(str(tmp_path / "set"), "train", cache=True)
+    assert cached.schema() == read_latents(str(tmp_path / "set"), "train").schema()
+    held = cached.take_all()
+    assert sorted(row["label"] for row in held) == list(labels)
+    for row in held:
+        np.testing.assert_array_equal(row["mean"], means[row["label"]])
 
 
 def test_key_changes_with_the_encoder_and_the_data():
