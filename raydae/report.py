@@ -46,7 +46,8 @@ MAX_RUNS_PER_PANEL = 12  # more lines than this are unreadable; the best runs ar
 MAX_SAMPLE_PANELS = 6
 ANNOTATE_UP_TO = 10  # name the points of a scatter only while the names do not pile up
 DEFAULT_METRICS = ("fid", "fd_shapesclf", "fd_randfeat")
-HIGHER_IS_BETTER_PREFIXES = ("precision", "recall")  # and `is`; distances and KLs are lower-is-better
+# Words in a metric's name that make higher better (and `is`); distances, KLs and losses are lower-is-better.
+HIGHER_IS_BETTER_WORDS = ("precision", "recall", "psnr", "ssim", "accuracy")
 LATENT_QUALITY = "latent_quality"  # metrics.json section of cheap latent measures (eval/latent_quality.py)
 # The latent-data distance (docs/latent_distance.md): the held-out value and the paired L2.
 PROXY_RHO = 0.8  # a latent measure ranking runs at least this well is worth pruning on (issue: rho >= 0.8)
@@ -191,12 +192,16 @@ def choose_metric(runs: list[Run], metric: str | None, mode: str | None) -> tupl
         raise UserError(f"metric {metric!r} is in no run's eval.samples; available: {listed}")
     if mode is None:
         leaf = metric.rsplit(".", 1)[-1]
-        mode = "max" if leaf == "is" or leaf.startswith(HIGHER_IS_BETTER_PREFIXES) else "min"
+        mode = "max" if leaf == "is" or set(leaf.split("_")) & set(HIGHER_IS_BETTER_WORDS) else "min"
     return metric, mode
 
 
 def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
     """One sentence on what the metric measures and in which feature space, so no one mistakes it for FID."""
+    better = "lower" if mode == "min" else "higher"
+    metric = _sample_metric_name(metric)
+    if "." in metric:  # a path outside eval.samples (a reconstruction, a stage's loss): its name says what it is
+        return f"Metric: **`{metric}`** ({better} is better)."
     features: dict = {}
     for run in runs:
         features.update(dotted_get(run.metrics, "eval.features", {}) or {})
@@ -208,7 +213,6 @@ def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
     feature = next((name for name in features if name in tokens[1:]), None)
     if feature is None and (tokens[0] in ("fid", "kid", "is") or "inception" in tokens):
         feature = "inception"
-    better = "lower" if mode == "min" else "higher"
     against = "" if tokens[0] == "is" else " against real images"  # IS scores the samples alone
     text = f"Metric: **`{metric}`** ({better} is better), {kind} of generated samples{against}"
     if feature == "inception":
@@ -476,6 +480,11 @@ def latent_measures(runs: list[Run]) -> list[str]:
         path for path in LATENT_DISTANCE_MEASURES if any(run.value(path) is not None for run in runs)]
 
 
+def _sample_metric_name(metric: str) -> str:
+    """`eval.samples.fd_shapesclf` (as sweep and study files name it) -> `fd_shapesclf`; other names as they are."""
+    return metric.removeprefix("eval.samples.")
+
+
 def latent_correlations(runs: list[Run], metric: str) -> list[dict]:
     """Per latent measure: Spearman ρ with `metric` over the runs that have both, bootstrap interval, n.
 
@@ -493,12 +502,13 @@ def latent_correlations(runs: list[Run], metric: str) -> list[dict]:
 
 def correlation_section(rows: list[dict], metric: str, mode: str) -> list[str]:
     """The markdown table of latent_correlations, with how to read the sign."""
-    worse = "larger (worse)" if mode == "min" else "smaller (worse)"
+    direction = "larger (worse)" if mode == "min" else "larger (better)"
     lines = [f"## Latent measures vs `{metric}`", "",
              f"Spearman ρ over runs between each measure of the latent (taken before any generator trains) and "
-             f"`{metric}`; ρ > 0: a larger measure went with a {worse} `{metric}`. Interval: bootstrap 95% over "
-             f"runs ({BOOTSTRAP_RESAMPLES} resamples, seed 0, percentile). Runs without a measure are left out of "
-             f"its row; under {MIN_RUNS} runs no ρ is given.", ""]
+             f"`{metric}`; ρ > 0: a larger measure went with a {direction} `{metric}`. Interval: bootstrap 95% "
+             f"over runs ({BOOTSTRAP_RESAMPLES} resamples, seed 0, percentile); over few runs it is too narrow "
+             f"(five runs in perfect order give [1, 1]), so read it as optimistic under about ten runs. Runs "
+             f"without a measure are left out of its row; under {MIN_RUNS} runs no ρ is given.", ""]
     table = []
     for row in rows:
         if row["rho"] is None:
@@ -535,7 +545,7 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
         metrics = flatten_numbers(finished[0].metrics)
         lines += ["## All metrics", "", *_table(["metric", "value"], [[k, _fmt(v)] for k, v in metrics.items()])]
     elif metric:
-        others = sorted({key for run in finished for key in run.sample_metrics()} - {metric})
+        others = sorted({key for run in finished for key in run.sample_metrics()} - {_sample_metric_name(metric)})
         if others:
             lines += ["## Other sample metrics", "", *_table(
                 ["run", *others], [[run.name, *(_fmt(run.value(key)) for key in others)] for run in finished])]

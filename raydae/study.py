@@ -37,7 +37,13 @@ STAGE1_OUTLIER_RATIO = 1.5  # flagged when above this multiple of the median of 
 
 
 def t_quantile_975(df: int) -> float:
-    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+    """Student's t 97.5 % quantile: the table up to 30 degrees of freedom, then the Cornish-Fisher expansion
+    (Abramowitz & Stegun 26.7.5; within 1e-4 of the exact value from df 30 on)."""
+    if 1 <= df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def spread(values: list[float]) -> dict:
@@ -103,7 +109,9 @@ def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str]
             for metric in metrics:
                 values = {r["seed"]: metric_value(r["metrics"], metric) for r in mine}
                 values = {s: v for s, v in values.items() if v is not None}
-                entry["metrics"][metric] = {**spread(list(values.values())), "values": values}
+                # a finished run without a finite value (a diverged seed's NaN) is named, not silently dropped
+                entry["metrics"][metric] = {**spread(list(values.values())), "values": values,
+                                            "no_value": sorted(set(entry["seeds"]) - set(values))}
                 if arm != baseline:
                     base = {r["seed"]: metric_value(r["metrics"], metric) for r in members if r["arm"] == baseline}
                     entry["differences"][metric] = paired_difference(values, {s: v for s, v in base.items()
@@ -117,6 +125,16 @@ def compare(runs: list[dict], arms: list[str], baseline: str, metrics: list[str]
             for arm, reference in pairs]
         blocks.append(block)
     return blocks
+
+
+def _seeds_cell(m: dict, d: dict | None) -> str:
+    """Seeds in the mean, and where they differ, the finished runs without a value and the seeds paired."""
+    cell = str(m["n"])
+    if m.get("no_value"):
+        cell += f" (no value: seed {', '.join(map(str, m['no_value']))})"
+    if d is not None and d["diff_n"] != m["n"]:
+        cell += f"; {d['diff_n']} paired"
+    return cell
 
 
 def _difference_cells(d: dict) -> list[str]:
@@ -154,7 +172,8 @@ def markdown(blocks: list[dict], labels: dict[str, str], baseline: str, metrics:
                 m = entry["metrics"][metric]
                 d = entry["differences"].get(metric)
                 cells = ["—"] * 5 if d is None else _difference_cells(d)
-                lines.append(f"| {arm} | {m['n']} | {_fmt(m['mean'])} ± {_fmt(m['sd'])} | " + " | ".join(cells) + " |")
+                lines.append(f"| {arm} | {_seeds_cell(m, d)} | {_fmt(m['mean'])} ± {_fmt(m['sd'])} | "
+                             + " | ".join(cells) + " |")
             for pair in pairs:
                 d = pair["differences"][metric]
                 lines.append(f"| {pair['arm']} − {pair['reference']} | {d['diff_n']} | — | "

@@ -234,6 +234,9 @@ def _validate_study(spec: SweepSpec, base: Config, where: str) -> None:
     if spec.scheduler.type != "fifo":
         raise UserError(f"{where}: a study runs every arm to the end; use scheduler: fifo (ASHA would stop arms "
                         "on their training loss and bias the comparison)")
+    if spec.num_samples != 1:
+        raise UserError(f"{where}: num_samples is {spec.num_samples}; a study repeats its arms over study.seeds, "
+                        "one run per arm and seed (remove num_samples, or add seeds)")
     for path, domain in spec.search.items():
         if path != ARM_KEY and next(iter(domain)) != "grid":
             raise UserError(f"{where}: search.{path}: a study's extra axes must be grids, so every arm sees the "

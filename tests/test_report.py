@@ -145,14 +145,26 @@ def test_run_without_eval(tmp_path):
 
 def test_a_dotted_metric_path_ranks_like_its_sample_key(sweep):
     """Sweep and study files name metrics by path (eval.samples.fd_shapesclf); the report takes those too."""
-    orders = []
+    orders, texts = [], []
     for metric in ("fd_shapesclf", "eval.samples.fd_shapesclf"):
         result = write_report(str(sweep), metric=metric, tensorboard=False)
         assert result["mode"] == "min"
-        orders.append([row[0] for row in table_rows((sweep / "report.md").read_text(), "| run")])
+        texts.append((sweep / "report.md").read_text())
+        orders.append([row[0] for row in table_rows(texts[-1], "| run")])
     assert orders[0] == orders[1] and orders[0][:3] == ["trials/dae_small", "joint", "trials/dae_big"]
+    for text in texts:  # described alike: the feature space and the real-vs-real floor; not listed twice
+        assert "in the feature space of `shapesclf`" in text and "Real-vs-real floor: 0.15." in text
+        assert table_rows(text, "| run | fd_randfeat |") and "| run | fd_randfeat | fd_shapesclf |" not in text
     with pytest.raises(UserError, match="no run's metrics.json has a number at that path"):
         write_report(str(sweep), metric="eval.samples.nope", tensorboard=False)
+
+
+def test_reconstruction_quality_paths_rank_higher_first(sweep):
+    """PSNR and SSIM are better higher, like precision and recall; the direction is guessed from the name."""
+    for metric in ("eval.reconstruction.decoder.psnr", "stages.joint.val_psnr"):
+        assert write_report(str(sweep), metric=metric, tensorboard=False)["mode"] == "max"
+    text = (sweep / "report.md").read_text()
+    assert "Metric: **`stages.joint.val_psnr`** (higher is better)." in text
 
 
 def test_unknown_metric_lists_available(sweep):

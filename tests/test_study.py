@@ -42,7 +42,9 @@ def test_a_difference_inside_the_noise_is_neither_significant_nor_beyond_the_spr
     assert lone["seeds"] == [0] and lone["significant"] is None and math.isnan(lone["stderr"])
     big = paired_difference({0: 10.0, 1: 10.1, 2: 9.9}, {0: 1.0, 1: 1.2, 2: 0.9})
     assert big["exceeds_spread"] is True and big["significant"] is True
-    assert t_quantile_975(1) == 12.706 and t_quantile_975(100) == 1.96
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(30) == 2.042
+    # past the table: the exact quantiles are 2.0395 (31), 2.0003 (60), 1.9840 (100)
+    assert [round(t_quantile_975(df), 4) for df in (31, 60, 100)] == [2.0395, 2.0003, 1.984]
 
 
 def test_collapsed_stage1_seeds_are_flagged():
@@ -68,6 +70,12 @@ def test_compare_and_table_from_fixture_runs():
                  for a in ("joint", "dae")}
     text = markdown([block], {"joint": "joint", "dae": "DAE"}, "joint", metrics, schedules)
     assert "| dae | 2 | 29.25 ± 0.3536 | -1.25 ± 0.25 (stderr)" in text
+    # A diverged seed (NaN) and a seed the baseline lacks are named in the seeds cell, not silently dropped.
+    runs += [run("dae", 2, float("nan"), 0.012), run("dae", 3, 28.0, 0.012)]
+    (block,) = compare(runs, ["joint", "dae"], "joint", metrics)
+    text = markdown([block], {"joint": "joint", "dae": "DAE"}, "joint", metrics, schedules)
+    assert "| dae | 3 (no value: seed 2); 2 paired | 28.83 ± 0.7638 | -1.25 ± 0.25 (stderr)" in text
+    assert "| dae | 4; 2 paired | 0.01225 ± 0.0005 |" in text
     assert "dae seed(s) 1" in text  # a collapsed stage 1 is reported, and kept
     from raydae.report import study_figure
 
@@ -143,6 +151,8 @@ def test_study_file_checks():
     unfair = {**ARMS, "dae": {"set": {**ARMS["dae"]["set"], "generator_train.steps": 7}}}
     with pytest.raises(UserError, match="arms differ in `generator_train`"):
         parse_sweep(_study(study={"arms": unfair, "seeds": [0, 1], "baseline": "joint"}))
+    with pytest.raises(UserError, match="num_samples is 2; a study repeats its arms over study.seeds"):
+        parse_sweep(_study(num_samples=2))
     with pytest.raises(UserError, match="set by the study section"):
         parse_sweep(_study(search={"train.seed": {"grid": [0, 1]}}))
     assert "pairs" not in spec.study  # a study saved before `pairs:` existed is still the same file
