@@ -69,6 +69,8 @@ def data_fingerprint(data) -> str:
     settings = dict(data.__dict__)
     for ignored in ("on_bad_file", "shuffle_buffer"):  # neither changes which images come, nor their split
         settings.pop(ignored, None)
+    if not data.shuffle_buffer:  # the training split's blocks keep their order: evaluation's first N images differ
+        settings["train_blocks_in_order"] = True  # (named only when off, so the usual keys stay as they were)
     return json.dumps([settings, source_fingerprint(data.source)], sort_keys=True, default=str)
 
 

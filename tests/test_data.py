@@ -121,6 +121,10 @@ def test_listing_labels_from_sub_folders(tmp_path):
     for path, label in zip(listing.paths, listing.labels):
         assert listing.label_names[label] == path.split("/")[0]
     assert any(p.endswith(".PNG") for p in listing.paths) and any(p.endswith(".webp") for p in listing.paths)
+    # Not class by class: the first half of the listing (evaluation takes a split's first images) holds both
+    # classes, in an order fixed by the paths alone.
+    assert set(listing.labels[:6]) == {0, 1}
+    assert imgs.list_images(str(tmp_path)).paths == listing.paths
 
 
 def test_listing_flat_folder_and_mixed_layout(tmp_path):
@@ -293,8 +297,9 @@ def test_source_fingerprint_reports_a_slow_walk_and_keeps_its_value(tmp_path, ca
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.startswith("[data] fingerprinting ") for line in lines)
     assert "done" in lines[-1] and "files" in lines[-1]
-    # The digest is the one latents and evaluation caches were keyed by: paths, sizes, modification times.
-    digest = hashlib.sha256()
+    # The digest latents and evaluation caches are keyed by: the listing order's name, then paths, sizes and
+    # modification times.
+    digest = hashlib.sha256(imgs.LISTING_ORDER.encode())
     for folder, dirs, files in os.walk(tmp_path / "data"):
         dirs.sort()
         for name in sorted(files):

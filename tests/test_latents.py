@@ -12,8 +12,8 @@ from raydae.checkpoints import save_training_state
 from raydae.config import load_config
 from raydae.data import build_datasets
 from raydae import latents
-from raydae.latents import (DRIVER_READ_BYTES, EncodeBatch, encode_dataset, encoder_key, latent_batches,
-                            latents_stored, measure_latent_std, read_latents)
+from raydae.latents import (DRIVER_READ_BYTES, EncodeBatch, data_fingerprint, encode_dataset, encoder_key,
+                            latent_batches, latents_stored, measure_latent_std, read_latents)
 from raydae.pixels import model_input
 from raydae.tasks import AutoencoderTask
 
@@ -125,6 +125,11 @@ def test_key_changes_with_the_encoder_and_the_data():
     base = encoder_key(state, config)
     assert encoder_key(state, config) == base
     assert encoder_key(state, load_config("tiny", overrides=["data.seed=1"])) != base
+    # The shuffle buffer's size does not change which images come first; whether blocks are shuffled does.
+    def fingerprint(*overrides):
+        return data_fingerprint(load_config("tiny", overrides=list(overrides)).data)
+
+    assert fingerprint("data.shuffle_buffer=7") == fingerprint() != fingerprint("data.shuffle_buffer=0")
     with torch.no_grad():
         next(task.encoder.parameters()).add_(1e-3)
     assert encoder_key({"models": {n: m.state_dict() for n, m in task.models.items()}}, config) != base

@@ -19,6 +19,7 @@ from raydae.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # matched case-insensitively
 NO_LABEL = "none"  # label_names of a folder whose images are not sorted into sub-folders
+LISTING_ORDER = "path-hash order"  # in every folder's fingerprint: a change of listing order makes new caches
 
 
 # ---------------------------------------------------------------------------------- listing
@@ -39,7 +40,8 @@ def list_images(root: str) -> ImageListing:
 
     Images in sub-folders are labelled by the first sub-folder's name (sorted names -> 0, 1, ...);
     a folder with images only at its top level gets one label, "none". A mix of both is refused,
-    since the top-level images would have no class.
+    since the top-level images would have no class. Listed in a fixed pseudo-random order (`listing_order`),
+    not class by class: evaluation's "first N images" of a split are then a sample of every class.
     """
     root = os.path.abspath(root)
     paths = []
@@ -56,7 +58,7 @@ def list_images(root: str) -> ImageListing:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 rel = name if rel_folder == "." else f"{rel_folder}/{name}"
                 paths.append(rel.replace(os.sep, "/"))
-    paths.sort()
+    paths.sort(key=listing_order)
     if not paths:
         raise UserError(
             f"data.source={root}: no images found (searched recursively for "
@@ -74,6 +76,12 @@ def list_images(root: str) -> ImageListing:
     return ImageListing(root, paths, [label_of(p, label_names) for p in paths], label_names)
 
 
+def listing_order(rel_path: str) -> tuple[bytes, str]:
+    """Sort key of a file in a listing: a hash of its path alone (stable across runs, machines and additions;
+    salted apart from `is_val`'s, so the order inside a split is not the split's hash order)."""
+    return hashlib.md5(f"order:{rel_path}".encode("utf-8")).digest(), rel_path
+
+
 def source_fingerprint(source: str, every_s: float = 10.0) -> str:
     """What is in a folder source now (paths, sizes, modification times), so changed data gets new caches.
 
@@ -84,7 +92,7 @@ def source_fingerprint(source: str, every_s: float = 10.0) -> str:
         return ""
     progress = Progress("data", f"fingerprinting {root} (stat of every file)", unit="files", every_s=every_s,
                         announce=False)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(LISTING_ORDER.encode())  # caches of the class-by-class listing are not reused
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs.sort()
         for name in sorted(files):
