@@ -19,6 +19,7 @@ from raydae.eval import (
     lipschitz_upper_bound,
     precision_recall,
 )
+from raydae.eval.distances import unbiased_mmd2
 
 
 def _gaussian(n: int, dim: int, seed: int) -> np.ndarray:
@@ -52,8 +53,22 @@ def test_kernel_distance_is_near_zero_for_one_distribution_and_large_for_a_shift
     assert shifted_mean > 0.1
     assert abs(same_mean) < 0.05 * shifted_mean
     assert 0 < same_std < 0.05 * shifted_mean  # the subsets differ, by far less than a shifted set does
-    # Subset size is clipped to the smaller set; the answer depends only on the seed.
-    assert kernel_distance(real[:50], other, subset_size=1000, seed=3) == kernel_distance(real[:50], other, seed=3)
+    # Subset size is clipped to half the smaller set; the answer depends only on the seed.
+    assert kernel_distance(real[:50], other, subset_size=25, seed=3) == kernel_distance(real[:50], other, seed=3)
+    assert kernel_distance(real[:50], other, subset_size=24, seed=3) != kernel_distance(real[:50], other, seed=3)
+    # With the sets as large as the default subset, the subsets still differ: the std is not ~0.
+    assert kernel_distance(real, other, subset_size=400)[1] > 1e-3 * abs(shifted_mean)
+
+
+def test_kernel_distance_is_the_unbiased_mmd_estimate_by_hand():
+    """Each subset's estimate: the diagonal k(x, x) is left out within a set."""
+    x, y = _gaussian(4, 3, 5), _gaussian(4, 3, 6) + 0.5
+    k = lambda p, q: (p @ q.T / 3 + 1.0) ** 3  # noqa: E731 - the cubic kernel, by hand
+    off = 1 - np.eye(4)
+    expected = (k(x, x) * off).sum() / 12 + (k(y, y) * off).sum() / 12 - 2 * k(x, y).mean()
+    biased = k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+    assert abs(expected - biased) > 0.1 * abs(expected)  # the check can tell the two apart
+    assert unbiased_mmd2(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_precision_recall_identical_sets_and_partial_mode_coverage():

@@ -253,8 +253,9 @@ def kl_divergence(p, q, eps: float = 1e-6) -> float:
     """KL(p ‖ q) = Σ p log(p / q) between two class distributions, in nats.
 
     Both are smoothed by `eps` and renormalised first, so a class that `q` never predicts gives a
-    large finite value rather than infinity. Use p = the real (reference) distribution and q = the
-    samples' to ask how badly the samples cover the real classes.
+    large finite value rather than infinity. raydae's `class_kl_to_real` is KL(samples ‖ real): how far the
+    samples' class mix is from the real one. KL(real ‖ samples) would weigh a class the samples miss far more
+    (one of five balanced classes missing: 2.3 against 0.22).
     """
     p = torch.as_tensor(p, dtype=torch.float64).flatten()
     q = torch.as_tensor(q, dtype=torch.float64).flatten()

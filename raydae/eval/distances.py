@@ -70,27 +70,33 @@ def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def kernel_distance(feats_a, feats_b, subsets: int = 10, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Unbiased MMD² with the cubic kernel (x·y/d + 1)³, averaged over random subsets: (mean, std).
 
-    The subset size is clipped to the smaller set; subsets are drawn without replacement inside
-    each subset, from a local generator so the answer depends only on `seed`.
+    The subset size is clipped to half the smaller set (at least 2), so that subsets differ and the std says
+    how much the estimate moves: a subset as large as a set would be that whole set every time. Subsets are
+    drawn without replacement inside each subset, from a local generator so the answer depends only on `seed`.
     """
     a = torch.from_numpy(_as_float64(feats_a))
     b = torch.from_numpy(_as_float64(feats_b))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: {a.shape[1]} vs {b.shape[1]}")
-    m = min(subset_size, a.shape[0], b.shape[0])
+    m = min(subset_size, max(2, min(a.shape[0], b.shape[0]) // 2))
     if m < 2:
         raise ValueError(f"need at least 2 samples per set, got subset size {m}")
     generator = torch.Generator().manual_seed(seed)
-    off_diagonal = 1.0 - torch.eye(m, dtype=torch.float64)
     values = []
     for _ in range(subsets):
         x = a[torch.randperm(a.shape[0], generator=generator)[:m]]
         y = b[torch.randperm(b.shape[0], generator=generator)[:m]]
-        k_xx = (_polynomial_kernel(x, x) * off_diagonal).sum() / (m * (m - 1))
-        k_yy = (_polynomial_kernel(y, y) * off_diagonal).sum() / (m * (m - 1))
-        k_xy = _polynomial_kernel(x, y).mean()
-        values.append((k_xx + k_yy - 2.0 * k_xy).item())
+        values.append(unbiased_mmd2(x, y))
     return float(np.mean(values)), float(np.std(values))
+
+
+def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """MMD² between two equal-size sets with the cubic kernel; k(x, x) is left out within a set (unbiased)."""
+    m = x.shape[0]
+    off_diagonal = 1.0 - torch.eye(m, dtype=x.dtype)
+    k_xx = (_polynomial_kernel(x, x) * off_diagonal).sum() / (m * (m - 1))
+    k_yy = (_polynomial_kernel(y, y) * off_diagonal).sum() / (m * (m - 1))
+    return (k_xx + k_yy - 2.0 * _polynomial_kernel(x, y).mean()).item()
 
 
 # ---------------------------------------------------------------- precision / recall

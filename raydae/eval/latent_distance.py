@@ -134,7 +134,7 @@ def estimate_latent_distance(
     3. **Report on held-out data**: `value` = mean f(x_val) − mean f(g(z_val)), and beside it
        the same on the training split and a real-vs-real baseline (see `LatentDistance`). The
        baseline depends only on the images, the seed and the critic settings, not on the
-       decoder or the latents; `baseline=False` skips it (a third of the cost) when it was
+       decoder or the latents; `baseline=False` skips it (about a quarter of the cost) when it was
        already computed for this seed.
 
     Finite training errs both ways: g is not the best of its class, so the value is too *high*
