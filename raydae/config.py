@@ -233,7 +233,7 @@ class EvalConfig:
     sensitivity_images: int = 1000
     knn_k: int = 3  # precision/recall manifolds
     kid_subsets: int = 10
-    kid_subset_size: int = 1000
+    kid_subset_size: int = 1000  # clipped to half the smaller set, so that subsets differ (eval/distances.py)
     lipschitz_latents: int = 64  # held-out latents for the empirical Lipschitz estimate
     # Latent-data distance (docs/latent_distance.md): a decoder of this class trained on the frozen
     # latents against a critic of fixed capacity. 0 steps skips it.
