@@ -78,6 +78,14 @@ def collect_images(dataset, limit: int) -> dict[str, np.ndarray]:
     return {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
+def sample_chunks(num_samples: int, tasks: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, count) of each sampling task: about num_samples / tasks each, starting at multiples of the batch
+    size, so every batch (seeded by its first index) is the same however many tasks draw the samples."""
+    size = -(-num_samples // max(1, tasks))
+    size = -(-size // batch_size) * batch_size
+    return [(start, min(size, num_samples - start)) for start in range(0, num_samples, size)]
+
+
 def _data_key(config: Config, *parts) -> str:
     text = json.dumps([data_fingerprint(config.data), *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -343,11 +351,9 @@ def evaluate_run(run: RunFolder, config: Config, bundle) -> dict:
         jobs["sensitivity"] = (measure_sensitivity, images["train"], sensitivity_count, spec, ev.batch_size, ev.seed)
     generator_uri = run.read_json("generator.done.json")["checkpoint"] if run.exists("generator.done.json") else None
     if generator_uri:
-        tasks = ev.sample_tasks or scaling.num_workers
-        size = -(-ev.num_samples // tasks)
-        for i, start in enumerate(range(0, ev.num_samples, size)):
-            jobs[f"samples{i}"] = (sample_and_embed, generator_uri, start, min(size, ev.num_samples - start),
-                                   ev.seed, spec, ev.batch_size, i == 0)
+        chunks = sample_chunks(ev.num_samples, ev.sample_tasks or scaling.num_workers, ev.batch_size)
+        for i, (start, count) in enumerate(chunks):
+            jobs[f"samples{i}"] = (sample_and_embed, generator_uri, start, count, ev.seed, spec, ev.batch_size, i == 0)
     if ev.latent_distance_steps > 0:
         jobs["distance"] = (latent_distance, roles["decoder"], images["train"], images["val"],
                             ev.latent_distance_images, ev.latent_distance_steps,

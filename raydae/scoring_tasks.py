@@ -120,7 +120,9 @@ def _lipschitz_bound(decoder, latent_shape) -> float | None:
 
 def sample_and_embed(generator_uri: str, start: int, count: int, seed: int, spec: FeatureSpec, batch_size: int,
                      measure_complexity: bool, *, use_gpu: bool) -> dict:
-    """Samples `start .. start+count` of the evaluation set; seeds depend only on (seed, index of the chunk)."""
+    """Samples `start .. start+count` of the evaluation set, a batch at a time; each batch's noise is seeded by
+    (seed, its first index), so with chunks starting at multiples of `batch_size` the samples do not depend on
+    how many tasks draw them."""
     device = pick_device(use_gpu)
     task = load_generator(generator_uri, device=str(device))
     embed, bank = Embedder(spec, device), FeatureBank()

@@ -20,6 +20,7 @@ from raydae.eval import (
     precision_recall,
 )
 from raydae.eval.distances import unbiased_mmd2
+from raydae.scoring import sample_chunks
 
 
 def _gaussian(n: int, dim: int, seed: int) -> np.ndarray:
@@ -207,3 +208,13 @@ def test_metric_names_say_which_features_made_them():
     assert metric_name("fd", "inception") == "fid" and metric_name("kd", "inception") == "kid"
     assert metric_name("fd", "randfeat") == "fd_randfeat" and metric_name("fd", "shapesclf") == "fd_shapesclf"
     assert metric_name("precision", "inception") == "precision_inception"
+
+
+def test_sampling_tasks_draw_the_same_batches_however_many_there_are():
+    """Each batch's noise is seeded by its first index: chunks must start on batch boundaries and cover all."""
+    for tasks in (1, 2, 3, 7):
+        chunks = sample_chunks(1000, tasks, 64)
+        assert sum(count for _, count in chunks) == 1000 and chunks[0][0] == 0
+        assert all(start % 64 == 0 for start, _ in chunks) and len(chunks) <= tasks
+        assert all(a + n == b for (a, n), (b, _) in zip(chunks, chunks[1:]))
+    assert sample_chunks(1000, 2, 250) == [(0, 500), (500, 500)]
