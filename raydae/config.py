@@ -545,6 +545,15 @@ def validate(config: Config) -> None:
         raise UserError(f"config generator_train.probe_samples={gen.probe_samples}, probe_sample_steps="
                         f"{gen.probe_sample_steps}: the sample probe needs at least 16 samples and 1 step (0 samples "
                         "turns it off)")
+    dit = config.dit
+    if dit.schedule == "linear" and dit.num_timesteps <= 20:  # its betas end at 0.02 * 1000 / T
+        raise UserError(f"config dit.num_timesteps={dit.num_timesteps}: the linear schedule's last beta would be "
+                        f"{20 / dit.num_timesteps:g} (it must stay under 1); use more than 20 timesteps (DDPM: 1000) "
+                        "or dit.schedule=cosine")
+    if dit.class_conditional and dit.cfg_scale != 1.0 and dit.class_dropout <= 0:
+        raise UserError(f"config dit.cfg_scale={dit.cfg_scale} with dit.class_dropout={dit.class_dropout}: guidance "
+                        "needs the unconditional label the DiT learns from dropped labels; set dit.class_dropout > 0 "
+                        "(0.1 is usual) or dit.cfg_scale=1")
     if config.data.shuffle_buffer < 0:
         raise UserError(f"config data.shuffle_buffer: must be 0 (off) or positive, got {config.data.shuffle_buffer}")
     if not 0.0 < config.data.val_fraction < 1.0:

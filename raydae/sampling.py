@@ -20,6 +20,7 @@ from raydae.config import Config
 from raydae.errors import UserError
 from raydae.pixels import pil_arrays, unit_to_uint8
 from raydae.progress import Progress
+from raydae.seeds import derive_seed
 from raydae.storage import RunFolder
 from raydae.tasks import make_grid
 
@@ -106,8 +107,10 @@ def sample_run(run_dir: str, n: int, out: str | None, out_dir: str | None, seed:
     chunks = []
     progress = Progress("sample", "drawing samples", total=n, unit="samples", announce=n > batch_size)
     for start in range(0, n, batch_size):
-        # Each chunk has its own seed, derived from the user's, so the same seed gives the same images.
-        chunks.append(task.sample(min(batch_size, n - start), seed=seed + start, steps=steps, cfg_scale=cfg))
+        # Each chunk has its own seed, derived from the user's, so the same seed gives the same images (and
+        # seeds a batch apart share none: seed + start would).
+        chunks.append(task.sample(min(batch_size, n - start), seed=derive_seed(seed, start), steps=steps,
+                                  cfg_scale=cfg))
         progress.advance(len(chunks[-1]))
     if n > batch_size:
         progress.finish()

@@ -94,6 +94,8 @@ def test_joint_steps_default_to_equal_total_steps():
     (["train.warm_start_decoder=true"], "warm_start_decoder"),
     (["generator=dit", "generator_train.checkpoint_every=0"], "generator_train.checkpoint_every"),
     (["generator=dit", "scaling.num_workers=3", "train.batch_size=15"], "generator_train.batch_size=128"),
+    (["dit.schedule=linear", "dit.num_timesteps=20"], "last beta would be 1 .*more than 20 timesteps"),
+    (["dit.class_conditional=true", "dit.cfg_scale=2", "dit.class_dropout=0"], "guidance needs the unconditional"),
 ])
 def test_settings_that_would_fail_late_are_refused_at_load(overrides, needle):
     with pytest.raises(UserError, match=needle):

@@ -43,6 +43,28 @@ def test_dit_task_learns_fixed_latents_and_samples_images():
     assert task.image_grid().shape[0] == 3
 
 
+def test_the_dit_ema_follows_the_weights_after_each_optimizer_step_with_the_warmed_up_decay():
+    """ema_t = d_t * ema_{t-1} + (1 - d_t) * weights_t, d_t = min(decay, (1 + t) / (10 + t)), from the initial
+    weights: an update before the optimizer step, or a missing one, gives other numbers."""
+    config = load_config("tiny", overrides=["generator=dit", "dit.model=DiT-T/2", "generator_train.warmup_steps=0"])
+    task = make_task(config, "generator", {"latent_shape": [2, 8, 8], "num_classes": 1, "latent_std": 1.0})
+    task.load_previous_stage(_ae_state(config))
+    task.prepare(torch.device("cpu"))
+    batch = {"mean": torch.randn(4, 128, generator=torch.Generator().manual_seed(0)),
+             "logvar": torch.full((4, 128), -8.0), "label": torch.zeros(4, dtype=torch.long)}
+    expected = {name: p.detach().clone() for name, p in task.dit.named_parameters()}
+    for step in range(3):
+        task.train_step(batch, step)
+        decay = min(config.dit.ema_decay, (1 + step) / (10 + step))
+        for name, p in task.dit.named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * p.detach()
+    moved = 0
+    for name, p in task.dit_ema.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-6)
+        moved += not torch.equal(p, dict(task.dit.named_parameters())[name])
+    assert moved  # the average differs from the live weights: the check is not comparing a copy with itself
+
+
 def test_prior_task_learns_fixed_codes_and_samples_images():
     config = load_config("tiny", overrides=["ae.bottleneck=vq", "generator=vq_prior", "prior.model=prior-T",
                                             "generator_train.lr=0.005"])

@@ -106,6 +106,10 @@ def _check_samples(run_dir: Path, tmp_path: Path):
     images = sample_run(str(run_dir), n=5, out=str(tmp_path / "g.png"), out_dir=None, seed=7, steps=2, cfg=None)
     again = sample_run(str(run_dir), n=5, out=None, out_dir=None, seed=7, steps=2, cfg=None)
     assert images.shape == (5, 3, 16, 16) and torch.equal(images, again)
+    # Seeds a batch apart share no images (seed + start would give seed 7's second batch seed 9's first).
+    seven = sample_run(str(run_dir), n=4, out=None, out_dir=None, seed=7, steps=2, cfg=None, batch_size=2)
+    nine = sample_run(str(run_dir), n=2, out=None, out_dir=None, seed=9, steps=2, cfg=None, batch_size=2)
+    assert not torch.equal(seven[2:], nine)
 
 
 def _check_skipping(config, options, run_dir: Path, capsys, steps: tuple[str, ...]):

@@ -204,12 +204,14 @@ class AutoencoderTask:
 
         recon, out = self.reconstruct(images, sample=True)
         rec_loss = reconstruction_loss(images, recon, self.config.loss.reconstruction)
-        loss = rec_loss + out.loss
         logs = {"loss/reconstruction": rec_loss.detach(), "loss/bottleneck": out.loss.detach()}
+        # What the adversarial weight balances against: pixels and, when on, LPIPS (taming-transformers' nll)
+        rec_terms = rec_loss
         if self.lpips is not None:
             perceptual = self.lpips(images, recon).mean()
-            loss = loss + self.config.loss.lpips_weight * perceptual
+            rec_terms = rec_terms + self.config.loss.lpips_weight * perceptual
             logs["loss/lpips"] = perceptual.detach()
+        loss = rec_terms + out.loss
         equivariance = self.config.loss.equivariance
         if equivariance.weight > 0:
             # EQ-VAE through this stage's decoder (the auxiliary one in stage 1). Stage 2's latents are frozen,
@@ -228,7 +230,7 @@ class AutoencoderTask:
             g_loss = hinge_g_loss(self.trained_discriminator(recon))
             weight = disc_cfg.weight  # a float: a tensor made from it each step would be a copy to the GPU
             if disc_cfg.adaptive_weight:
-                weight = weight * adaptive_gan_weight(rec_loss, g_loss, self.decoder.last_layer)
+                weight = weight * adaptive_gan_weight(rec_terms, g_loss, self.decoder.last_layer)
             loss = loss + weight * g_loss
             logs["loss/generator_adv"] = g_loss.detach()
             logs["gan_weight"] = torch.as_tensor(weight).detach()
