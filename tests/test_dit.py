@@ -268,6 +268,31 @@ def test_ddim_with_an_oracle_recovers_a_point_mass(prediction, eta):
     torch.testing.assert_close(sample, x_star.expand_as(sample), rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_with_a_gaussian_oracle_follows_the_hand_computed_steps(prediction):
+    """Data N(0, s^2): the exact denoiser is linear, x0 = c x_t with c = sqrt(ab) s^2 / (ab s^2 + 1 - ab), so
+    each DDIM step (eta 0) from t to t' multiplies x by (sqrt(ab' ab) s^2 + sqrt((1 - ab')(1 - ab))) /
+    (ab s^2 + 1 - ab). Three steps over T = 1000 are t = 999, 500, 0, then clean data (ab' = 1): a wrong
+    spacing, index or last step gives another factor (a point mass, above, lands on x* whatever they are)."""
+    diffusion = GaussianDiffusion(num_timesteps=1000, schedule="linear", prediction=prediction)
+    var = 0.25
+    ab_of = diffusion.alphas_cumprod
+
+    def oracle(x_t, t):
+        ab = ab_of[t].float().view(-1, 1, 1, 1)
+        x0 = ab.sqrt() * var / (ab * var + 1 - ab) * x_t
+        return diffusion.target(x0, t, (x_t - ab.sqrt() * x0) / (1 - ab).sqrt())
+
+    shape = (2, 1, 4, 4)
+    sample = diffusion.ddim_sample(oracle, shape, steps=3, generator=torch.Generator().manual_seed(0))
+    factor = 1.0
+    for t, t_next in ((999, 500), (500, 0), (0, None)):
+        ab, ab_next = ab_of[t].item(), (ab_of[t_next].item() if t_next is not None else 1.0)
+        factor *= ((ab_next * ab) ** 0.5 * var + ((1 - ab_next) * (1 - ab)) ** 0.5) / (ab * var + 1 - ab)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample, noise * factor, rtol=1e-4, atol=1e-5)
+
+
 def test_ddim_clip_x0_bounds_the_sample():
     diffusion = GaussianDiffusion(num_timesteps=100)
     far_away = lambda x, t: -10 * torch.ones_like(x)  # noqa: E731  an eps that pushes x0 far out
