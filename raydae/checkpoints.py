@@ -39,6 +39,25 @@ def save_training_state(folder: str, task, config: Config, stage: str, step: int
     Path(folder, "config.yaml").write_text(config.to_yaml())
 
 
+def prepare_for_training(task, device: torch.device, state: dict | None = None, previous_stage: dict | None = None,
+                         wrap=lambda module: module) -> None:
+    """Put `task` on `device` ready to train: resumed from a checkpoint's `state` (weights and optimizers),
+    else started from `previous_stage`'s weights (stage 2 from stage 1, a generator from its autoencoder)."""
+    if state is not None:
+        for name, module in task.models.items():
+            module.load_state_dict(state["models"][name])
+    elif previous_stage is not None:
+        task.load_previous_stage(previous_stage)
+    task.prepare(device, wrap=wrap)
+    if state is not None:
+        for name, opt in task.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+            for group in opt.param_groups:  # the saved groups carry the kernel choice of the device they ran on
+                for kernel in ("fused", "foreach"):
+                    if kernel in opt.defaults:
+                        group[kernel] = opt.defaults[kernel]
+
+
 def load_state(folder: str) -> dict:
     return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
 

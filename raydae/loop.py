@@ -24,7 +24,7 @@ import torch
 import ray.train
 import ray.train.torch
 
-from raydae.checkpoints import load_checkpoint_state, load_state, save_training_state
+from raydae.checkpoints import load_checkpoint_state, load_state, prepare_for_training, save_training_state
 from raydae.config import Config
 from raydae.latents import latent_batches
 from raydae.probe import SampleProbe
@@ -83,18 +83,9 @@ def _restore(task: Task, loop_config: dict, device: torch.device) -> tuple[dict 
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_state(folder)
-        for name, module in task.models.items():
-            module.load_state_dict(state["models"][name])
-    elif loop_config.get("init_from"):
-        task.load_previous_stage(load_checkpoint_state(loop_config["init_from"]))
-    task.prepare(device, wrap=ray.train.torch.prepare_model)
-    if state is not None:
-        for name, opt in task.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-            for group in opt.param_groups:  # the saved groups carry the kernel choice of the device they ran on
-                for kernel in ("fused", "foreach"):
-                    if kernel in opt.defaults:
-                        group[kernel] = opt.defaults[kernel]
+    previous_stage = (load_checkpoint_state(loop_config["init_from"])
+                      if state is None and loop_config.get("init_from") else None)
+    prepare_for_training(task, device, state=state, previous_stage=previous_stage, wrap=ray.train.torch.prepare_model)
     return state, checkpoint is not None
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from raydae.checkpoints import load_state, prepare_for_training, save_training_state
 from raydae.config import load_config
 from raydae.loop import StepWindow
 from raydae.losses import equivariance_error
@@ -111,6 +112,38 @@ def test_discriminator_joins_after_its_start_step():
     assert "loss/discriminator" in logs and "gan_weight" in logs
     # The adaptive weight balances two nonzero gradients at the decoder's last layer: positive and finite.
     assert 0 < logs["gan_weight"] <= 1e4 * config.loss.discriminator.weight
+
+
+def test_a_resumed_stage_continues_exactly_where_its_checkpoint_left_off(tmp_path):
+    """Weights and both optimizers (Adam's moments included) come back from a checkpoint: two steps, save, a
+    fresh task resumed from it, two more steps equal four straight steps (same batches and noise per step)."""
+    config = load_config("tiny", overrides=["train.mode=joint", "loss.discriminator.enabled=true",
+                                            "loss.discriminator.start_step=0", "loss.discriminator.base_channels=8",
+                                            "loss.discriminator.num_layers=1"])
+
+    def fresh(init_seed):
+        torch.manual_seed(init_seed)
+        return AutoencoderTask(config, "joint")
+
+    def train(task, steps):
+        for step in steps:
+            torch.manual_seed(1000 + step)  # the posterior's noise: the same per step in both runs
+            task.train_step(_batch(config, n=4, seed=step), step)
+
+    straight = fresh(0)
+    straight.prepare(torch.device("cpu"))
+    train(straight, range(4))
+    first = fresh(0)
+    first.prepare(torch.device("cpu"))
+    train(first, range(2))
+    save_training_state(str(tmp_path), first, config, "joint", step=2, history=[])
+    resumed = fresh(1)  # other initial weights: everything must come from the checkpoint
+    prepare_for_training(resumed, torch.device("cpu"), state=load_state(str(tmp_path)))
+    assert set(resumed.optimizers) == {"autoencoder", "discriminator"}
+    train(resumed, range(2, 4))
+    for name, module in straight.models.items():
+        for (key, want), got in zip(module.state_dict().items(), resumed.models[name].state_dict().values()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name}.{key}")
 
 
 EQUIVARIANCE_ON = ["loss.equivariance.weight=1.0", "loss.equivariance.probability=1.0"]
