@@ -57,6 +57,8 @@ def test_kernel_distance_is_near_zero_for_one_distribution_and_large_for_a_shift
     # Subset size is clipped to half the smaller set; the answer depends only on the seed.
     assert kernel_distance(real[:50], other, subset_size=25, seed=3) == kernel_distance(real[:50], other, seed=3)
     assert kernel_distance(real[:50], other, subset_size=24, seed=3) != kernel_distance(real[:50], other, seed=3)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        kernel_distance(real[:1], other)
     # With the sets as large as the default subset, the subsets still differ: the std is not ~0.
     assert kernel_distance(real, other, subset_size=400)[1] > 1e-3 * abs(shifted_mean)
 

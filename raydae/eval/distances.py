@@ -78,9 +78,10 @@ def kernel_distance(feats_a, feats_b, subsets: int = 10, subset_size: int = 1000
     b = torch.from_numpy(_as_float64(feats_b))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: {a.shape[1]} vs {b.shape[1]}")
-    m = min(subset_size, max(2, min(a.shape[0], b.shape[0]) // 2))
-    if m < 2:
-        raise ValueError(f"need at least 2 samples per set, got subset size {m}")
+    smaller = min(a.shape[0], b.shape[0])
+    if smaller < 2 or subset_size < 2:
+        raise ValueError(f"need at least 2 samples per set and subset, got {smaller} and {subset_size}")
+    m = min(subset_size, max(2, smaller // 2))
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):
