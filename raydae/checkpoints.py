@@ -23,7 +23,8 @@ from raydae.tasks import make_task
 STATE_FILE = "state.pt"
 
 
-def save_training_state(folder: str, task, config: Config, stage: str, step: int, history: list) -> None:
+def save_training_state(folder: str, task, config: Config, stage: str, step: int, history: list,
+                        data_position: dict | None = None) -> None:
     state = {
         "format": "raydae-checkpoint-v1",
         "config": config.to_dict(),
@@ -32,6 +33,7 @@ def save_training_state(folder: str, task, config: Config, stage: str, step: int
         "models": {name: module.state_dict() for name, module in task.models.items()},
         "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
         "history": history,
+        "data_position": data_position,  # {"pass", "batch"}: where a resumed stage picks up the training data
         # What a task needs beyond the config to rebuild itself (e.g. DiT's latent scale).
         "latent_facts": getattr(task, "latent_facts", {}),
     }

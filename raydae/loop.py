@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +32,9 @@ from raydae.latents import latent_batches
 from raydae.probe import SampleProbe
 from raydae.seeds import derive_seed
 from raydae.tasks import Task, make_task, warmup_scale
+
+
+START_OF_DATA = {"pass": 0, "batch": 0}
 
 
 class StepWindow:
@@ -60,6 +65,24 @@ class StepWindow:
 
     def wait_fraction(self) -> float:
         return self.waiting / max(self.busy, 1e-9)
+
+
+def resumable_batches(open_pass: Callable[[int], Iterable], start_pass: int = 0, skip: int = 0,
+                      empty_error: str = "the training split gave no batch") -> Iterator[tuple[int, int, Any]]:
+    """(pass, index in the pass, batch) over passes through the training data, from pass `start_pass` after its
+    first `skip` batches: where a checkpoint left off, so a resumed stage neither sees the start of a pass again
+    nor misses its end. `open_pass(p)` iterates pass p; its shuffle is seeded by p, so a pass opened again comes
+    in the same order where the data's order is fixed (an in-memory set on one worker; elsewhere the skipped
+    count is still right). Raises RuntimeError(empty_error) when a pass gives no batch at all."""
+    number = start_pass
+    while True:
+        seen = 0
+        for seen, batch in enumerate(open_pass(number), start=1):
+            if seen > skip:
+                yield number, seen - 1, batch
+        if seen == 0:
+            raise RuntimeError(empty_error)
+        number, skip = number + 1, 0
 
 
 def _held_out_batches(loop_config: dict, task: Task, batch_size: int, device: torch.device):
@@ -106,7 +129,10 @@ def train_worker(loop_config: dict) -> None:
     # Reseed by step, so a resumed attempt does not replay the random stream (noise, dropout) from step 0.
     torch.manual_seed(derive_seed(derive_seed(train.seed, step), rank, stride=1009))
     # `history` records where each attempt started, so a resumed run can show it did not start over.
-    history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world}]
+    # Where in the training data the checkpoint left off: pass number and batches of it already used.
+    position = dict(state.get("data_position") or START_OF_DATA) if state else dict(START_OF_DATA)
+    history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world,
+                                                      "data_position": dict(position)}]
 
     probe = None  # rank 0 scores a fixed-noise sample at every report: the sweep's comparable signal
     if rank == 0 and loop_config.get("probe"):
@@ -134,28 +160,30 @@ def train_worker(loop_config: dict) -> None:
     since_report = StepWindow()  # losses since the last report: what Tune's schedulers compare
     sample_batch = None
 
-    epoch = 0
-    # Data wait is the time from the end of one step's bookkeeping (logging, images, checkpoints) to the next
-    # batch in hand. `tick` runs on across epochs, so draining one epoch and restarting the pipeline for the
-    # next count as waiting too.
-    tick = time.perf_counter()
-    while step < steps:
-        shuffle = config.data.shuffle_buffer
-        batches = shard.iter_torch_batches(
+    shuffle = config.data.shuffle_buffer
+
+    def open_pass(number: int):
+        return shard.iter_torch_batches(
             batch_size=per_worker_batch, drop_last=True, device=device,
             dtypes=task.batch_dtypes,
-            # A few batches in flight hide the pipeline's restart at each epoch boundary.
+            # A few batches in flight hide the pipeline's restart at each pass's start.
             prefetch_batches=4,
             # Pinned host batches (collated in Ray's prefetch threads) make the copy to the GPU asynchronous.
             pin_memory=device.type == "cuda",
             local_shuffle_buffer_size=shuffle or None,
-            local_shuffle_seed=derive_seed(train.seed, derive_seed(step + epoch, rank, stride=31), stride=100003)
-            if shuffle else None,
+            local_shuffle_seed=derive_seed(train.seed, number, rank) if shuffle else None,
         )
-        epoch += 1
-        got_batch = False
-        for batch in batches:
-            got_batch = True
+
+    # Data wait is the time from the end of one step's bookkeeping (logging, images, checkpoints) to the next
+    # batch in hand. `tick` runs on across passes, so draining one pass and restarting the pipeline for the
+    # next count as waiting too.
+    tick = time.perf_counter()
+    batches = resumable_batches(open_pass, position["pass"], position["batch"],
+                                empty_error=f"the training split gave worker {rank} no batch of {per_worker_batch} "
+                                            "images; use a smaller train.batch_size or more data")
+    if step < steps:
+        for pass_number, index, batch in batches:
+            position = {"pass": pass_number, "batch": index + 1}
             fetched = time.perf_counter()
             if attempt.steps == 0:
                 tick = fetched  # the first fetch is the pipeline's start-up, not steady-state waiting
@@ -183,16 +211,11 @@ def train_worker(loop_config: dict) -> None:
                 means = since_report.means()
                 if probe is not None:
                     means.update(_run_probe(probe, task, writer, stage, step))
-                _report(task, config, stage, step, history, {"step": step, **means}, rank)
+                _report(task, config, stage, step, history, {"step": step, **means}, rank, position)
                 since_report = StepWindow()
             tick = time.perf_counter()
             if step >= steps:
                 break
-        if not got_batch:
-            raise RuntimeError(
-                f"the training split gave worker {rank} no batch of {per_worker_batch} images; "
-                "use a smaller train.batch_size or more data"
-            )
 
     metrics = {"step": step}
     if rank == 0:
@@ -211,7 +234,7 @@ def train_worker(loop_config: dict) -> None:
         if sample_batch is not None and step % train_config.image_every:
             writer.add_image(f"{stage}/{task.image_tag}", task.image_grid(sample_batch), step)
         _upload_tensorboard(writer, loop_config.get("tensorboard_upload"))
-    _report(task, config, stage, step, history, metrics, rank, final=True)
+    _report(task, config, stage, step, history, metrics, rank, position, final=True)
     if writer is not None:
         writer.close()
 
@@ -255,14 +278,14 @@ def _upload_tensorboard(writer, target: str | None) -> None:
     pafs.copy_files(writer.log_dir, path, destination_filesystem=filesystem)
 
 
-def _report(task, config, stage, step, history, metrics, rank, final=False) -> None:
+def _report(task, config, stage, step, history, metrics, rank, position, final=False) -> None:
     """Every rank reports (it is a barrier); only rank 0 attaches a checkpoint."""
     metrics = dict(metrics, final=final)
     if rank != 0:
         ray.train.report({"step": step, "final": final})
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_training_state(folder, task, config, stage, step, history)
+        save_training_state(folder, task, config, stage, step, history, data_position=position)
         # The full metrics (nested: parameter counts, attempt history) travel inside the checkpoint;
         # Ray gets the flat scalars.
         Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -163,8 +163,9 @@ def test_vq_chain_rerun_after_a_failure_continues_then_writes_samples_and_skips_
                  *(arg for override in overrides for arg in ("--set", override))]) == 0
     assert f"run summary ({run_dir}, joint, " in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    starts = [a["attempt_start_step"] for a in load_state(metrics["stages"]["joint"]["checkpoint"])["history"]]
-    assert starts == [0, 2]  # the rerun began at the failed attempt's step-2 checkpoint, not at step 0
+    history = load_state(metrics["stages"]["joint"]["checkpoint"])["history"]
+    assert [a["attempt_start_step"] for a in history] == [0, 2]  # from the step-2 checkpoint, not from step 0
+    assert history[1]["data_position"] == {"pass": 0, "batch": 2}  # and after the two batches it had used
     assert metrics["generator"]["steps"] == 4 and metrics["parameters"]["generator"] > 0 and "eval" not in metrics
     assert 0 < metrics["generator"]["cross_entropy"] < 10  # held-out codes, read by rank 0 from Parquet
     _check_samples(run_dir, tmp_path)

@@ -1,11 +1,13 @@
 """Training logic in plain PyTorch (no Ray): what each stage trains and freezes."""
 
+import itertools
+
 import pytest
 import torch
 
 from raydae.checkpoints import load_state, prepare_for_training, save_training_state
 from raydae.config import load_config
-from raydae.loop import StepWindow
+from raydae.loop import StepWindow, resumable_batches
 from raydae.losses import equivariance_error
 from raydae.tasks import AutoencoderTask, make_grid
 from raydae.tasks.autoencoder import encode_images
@@ -144,6 +146,24 @@ def test_a_resumed_stage_continues_exactly_where_its_checkpoint_left_off(tmp_pat
     for name, module in straight.models.items():
         for (key, want), got in zip(module.state_dict().items(), resumed.models[name].state_dict().values()):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_a_resumed_stage_picks_up_the_training_data_where_its_checkpoint_left_off():
+    """Passes of 3 batches; a run stopped after 4 batches (pass 1, batch 1 used) and resumed there sees what an
+    uninterrupted run sees next: no repeat of a pass's start, no skipped end."""
+    def open_pass(number):
+        return iter([f"p{number}b{i}" for i in range(3)])  # a pass's order depends on its number alone
+
+    straight = [batch for _, _, batch in itertools.islice(resumable_batches(open_pass), 7)]
+    assert straight == ["p0b0", "p0b1", "p0b2", "p1b0", "p1b1", "p1b2", "p2b0"]
+    first = list(itertools.islice(resumable_batches(open_pass), 4))
+    position = {"pass": first[-1][0], "batch": first[-1][1] + 1}  # what the loop saves with its checkpoint
+    assert position == {"pass": 1, "batch": 1}
+    rest = [batch for _, _, batch in itertools.islice(resumable_batches(open_pass, position["pass"],
+                                                                        position["batch"]), 3)]
+    assert [batch for _, _, batch in first] + rest == straight
+    with pytest.raises(RuntimeError, match="no batch"):
+        next(resumable_batches(lambda number: iter([]), empty_error="no batch"))
 
 
 EQUIVARIANCE_ON = ["loss.equivariance.weight=1.0", "loss.equivariance.probability=1.0"]
