@@ -129,10 +129,11 @@ def train_worker(loop_config: dict) -> None:
     # Reseed by step, so a resumed attempt does not replay the random stream (noise, dropout) from step 0.
     torch.manual_seed(derive_seed(derive_seed(train.seed, step), rank, stride=1009))
     # `history` records where each attempt started, so a resumed run can show it did not start over.
-    # Where in the training data the checkpoint left off: pass number and batches of it already used.
-    position = dict(state.get("data_position") or START_OF_DATA) if state else dict(START_OF_DATA)
+    # Where in the training data the checkpoint left off: pass number and batches of it already used (replaced,
+    # never changed in place, as training goes on).
+    position = (state or {}).get("data_position") or START_OF_DATA
     history = (state["history"] if state else []) + [{"attempt_start_step": step, "world_size": world,
-                                                      "data_position": dict(position)}]
+                                                      "data_position": position}]
 
     probe = None  # rank 0 scores a fixed-noise sample at every report: the sweep's comparable signal
     if rank == 0 and loop_config.get("probe"):
