@@ -32,6 +32,12 @@ def metric_value(metrics: dict | None, metric: str) -> float | None:
     return float(value) if is_metric_value(value) else None
 
 
+def sample_metric_name(metric: str) -> str:
+    """The bare name of a path into eval.samples (`eval.samples.fd_shapesclf` -> `fd_shapesclf`), as metric_value
+    reads it; any other name as it is."""
+    return metric.removeprefix(f"{SAMPLE_METRICS}.")
+
+
 def flatten_numbers(tree: dict | None, prefix: str = "", sep: str = ".") -> dict[str, float]:
     """Every metric value in a nested tree under its joined path, e.g. {"eval.samples.fid": 3.1}."""
     out: dict[str, float] = {}

@@ -33,7 +33,8 @@ import yaml  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from raydae.errors import UserError  # noqa: E402
-from raydae.metrics_json import dotted_get, flatten_numbers, is_metric_value, metric_value  # noqa: E402
+from raydae.metrics_json import (  # noqa: E402
+    dotted_get, flatten_numbers, is_metric_value, metric_value, sample_metric_name)
 from raydae.stats import BOOTSTRAP_RESAMPLES, MIN_RUNS, asha_replay, spearman, spearman_bootstrap  # noqa: E402
 from raydae.storage import delete_files, download_tree, is_uri, upload_files  # noqa: E402
 
@@ -199,7 +200,7 @@ def choose_metric(runs: list[Run], metric: str | None, mode: str | None) -> tupl
 def describe_metric(runs: list[Run], metric: str, mode: str) -> str:
     """One sentence on what the metric measures and in which feature space, so no one mistakes it for FID."""
     better = "lower" if mode == "min" else "higher"
-    metric = _sample_metric_name(metric)
+    metric = sample_metric_name(metric)
     if "." in metric:  # a path outside eval.samples (a reconstruction, a stage's loss): its name says what it is
         return f"Metric: **`{metric}`** ({better} is better)."
     features: dict = {}
@@ -480,11 +481,6 @@ def latent_measures(runs: list[Run]) -> list[str]:
         path for path in LATENT_DISTANCE_MEASURES if any(run.value(path) is not None for run in runs)]
 
 
-def _sample_metric_name(metric: str) -> str:
-    """`eval.samples.fd_shapesclf` (as sweep and study files name it) -> `fd_shapesclf`; other names as they are."""
-    return metric.removeprefix("eval.samples.")
-
-
 def latent_correlations(runs: list[Run], metric: str) -> list[dict]:
     """Per latent measure: Spearman ρ with `metric` over the runs that have both, bootstrap interval, n.
 
@@ -545,7 +541,7 @@ def write_markdown(root: Path, runs: list[Run], metric: str | None, mode: str, f
         metrics = flatten_numbers(finished[0].metrics)
         lines += ["## All metrics", "", *_table(["metric", "value"], [[k, _fmt(v)] for k, v in metrics.items()])]
     elif metric:
-        others = sorted({key for run in finished for key in run.sample_metrics()} - {_sample_metric_name(metric)})
+        others = sorted({key for run in finished for key in run.sample_metrics()} - {sample_metric_name(metric)})
         if others:
             lines += ["## Other sample metrics", "", *_table(
                 ["run", *others], [[run.name, *(_fmt(run.value(key)) for key in others)] for run in finished])]
